@@ -1,0 +1,234 @@
+//! Wiring only: build the components from the configuration, spawn the servers, run the
+//! shutdown sequence (readiness false → stop accepting → drain → close the pool → exit).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::admin::{self, AdminState, MemoryReport, TokenCheck};
+use crate::config::Config;
+use crate::credential::TokenCredential;
+use crate::hardening::{self, HardeningState};
+use crate::metrics::Metrics;
+use crate::proxy::{self, DataPlane};
+use crate::secret::SecureBuffer;
+use crate::shutdown::Shutdown;
+use crate::tls;
+use crate::upstream::pool::Pool;
+use crate::upstream::{CredentialSource, Upstream};
+
+/// Why the sidecar could not start or run; `exit_code` maps it for `main`.
+#[derive(Debug)]
+pub struct AppError {
+    message: String,
+    code: i32,
+}
+
+impl AppError {
+    /// A configuration or secret problem the operator must fix: exit status 2.
+    pub fn config(message: impl Into<String>) -> Self {
+        AppError {
+            message: message.into(),
+            code: 2,
+        }
+    }
+
+    /// A run-time failure (e.g. a port in use): exit status 1.
+    pub fn runtime(message: impl Into<String>) -> Self {
+        AppError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        self.code
+    }
+}
+
+impl fmt::Display for AppError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AppError {}
+
+/// The addresses a started sidecar listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub data: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Loads the secrets the configuration names, in locked memory.
+///
+/// # Errors
+/// A missing, empty or too-open secret file, or an unusable value (exit 2).
+pub fn load_credential(cfg: &Config) -> Result<Option<Arc<TokenCredential>>, AppError> {
+    let u = &cfg.upstream;
+    if let Some(path) = &u.auth_token_file {
+        let c = TokenCredential::from_file(path.clone(), u.allow_insecure_permissions)
+            .map_err(|e| AppError::config(format!("upstream.auth_token_file: {e}")))?;
+        return Ok(Some(Arc::new(c)));
+    }
+    if let Some(var) = &u.auth_token_env {
+        let c = TokenCredential::from_env(var)
+            .map_err(|e| AppError::config(format!("upstream.auth_token_env: {e}")))?;
+        return Ok(Some(Arc::new(c)));
+    }
+    Ok(None)
+}
+
+fn load_admin_token(cfg: &Config) -> Result<Option<TokenCheck>, AppError> {
+    let Some(path) = &cfg.admin.token_file else {
+        return Ok(None);
+    };
+    let buffer = SecureBuffer::from_file(path, cfg.admin.allow_insecure_permissions)
+        .map_err(|e| AppError::config(format!("admin.token_file: {e}")))?;
+    let check: TokenCheck = Box::new(move |given: &[u8]| {
+        use subtle::ConstantTimeEq;
+        buffer.expose(|expected| expected.ct_eq(given).into())
+    });
+    Ok(Some(check))
+}
+
+struct HardeningReport {
+    state: HardeningState,
+}
+
+impl MemoryReport for HardeningReport {
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(hardening::status(&self.state)).unwrap_or_default()
+    }
+
+    fn self_check(&self) -> (bool, serde_json::Value) {
+        let report = hardening::self_check(&self.state);
+        (
+            report.passed,
+            serde_json::to_value(&report).unwrap_or_default(),
+        )
+    }
+
+    fn buffers(&self) -> (i64, i64) {
+        let r = crate::secret::registry();
+        (r.buffers as i64, r.locked_bytes as i64)
+    }
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT (or `stop`), then shuts down gracefully.
+/// `announce` is called once both listeners are bound.
+///
+/// # Errors
+/// See [`AppError`].
+pub async fn run(
+    cfg: Config,
+    hardening: HardeningState,
+    credential: Option<Arc<TokenCredential>>,
+    stop: Shutdown,
+    announce: impl FnOnce(Bound),
+) -> Result<(), AppError> {
+    tls::install_default_provider();
+    let cfg = Arc::new(cfg);
+    let tls = tls::setup(&cfg.upstream).map_err(|e| AppError::config(e.to_string()))?;
+    let admin_token = load_admin_token(&cfg)?;
+    let data_listener = TcpListener::bind(cfg.listener.address).await.map_err(|e| {
+        AppError::runtime(format!(
+            "listener.address: cannot listen on {}: {e}",
+            cfg.listener.address
+        ))
+    })?;
+    let admin_listener = TcpListener::bind(cfg.admin.address).await.map_err(|e| {
+        AppError::runtime(format!(
+            "admin.address: cannot listen on {}: {e}",
+            cfg.admin.address
+        ))
+    })?;
+    let bound = Bound {
+        data: data_listener
+            .local_addr()
+            .map_err(|e| AppError::runtime(e.to_string()))?,
+        admin: admin_listener
+            .local_addr()
+            .map_err(|e| AppError::runtime(e.to_string()))?,
+    };
+
+    let metrics = Metrics::new(cfg.pool.size.get());
+    let data_stop = Shutdown::new();
+    let background = Shutdown::new();
+    let pool = Pool::new(cfg.clone(), tls, metrics.clone());
+    pool.start(background.subscribe());
+    let source = credential.clone().map(|c| c as Arc<dyn CredentialSource>);
+    let upstream = Arc::new(Upstream::new(pool.clone(), metrics.clone(), source));
+    if let Some(c) = credential {
+        let p = Arc::downgrade(&pool);
+        tokio::spawn(
+            c.watch(background.subscribe(), move || {
+                if let Some(p) = p.upgrade() {
+                    p.rotate_all();
+                }
+            })
+            .instrument(info_span!("token_reload")),
+        );
+    }
+    let sampler = admin::sampler::Sampler::new(metrics.clone());
+    tokio::spawn(
+        sampler
+            .clone()
+            .run(background.subscribe())
+            .instrument(info_span!("sampler")),
+    );
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let admin_state = Arc::new(AdminState {
+        pool: pool.clone(),
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        sampler,
+        memory: Arc::new(HardeningReport { state: hardening }),
+        token: admin_token,
+        serving: serving.clone(),
+        started: SystemTime::now(),
+    });
+    let plane = Arc::new(DataPlane::new(upstream, cfg.clone(), metrics));
+    let data_task = tokio::spawn(
+        proxy::serve(data_listener, plane, data_stop.subscribe())
+            .instrument(info_span!("data_listener")),
+    );
+    let admin_task = tokio::spawn(
+        admin::serve(admin_listener, admin_state, background.subscribe())
+            .instrument(info_span!("admin_listener")),
+    );
+    info!(data = %bound.data, admin = %bound.admin, endpoint = %cfg.upstream.endpoint, "sprint-sidecar serving");
+    announce(bound);
+
+    let stopped = stop.subscribe();
+    tokio::select! {
+        _ = crate::shutdown::signal() => info!("shutdown signal received"),
+        _ = Shutdown::wait(stopped) => info!("shutdown requested"),
+    }
+    // 1. Readiness false first, so no new traffic is routed here.
+    serving.store(false, Ordering::Release);
+    // 2. Stop accepting; in-flight client requests finish (bounded by drain_timeout).
+    data_stop.trigger();
+    let deadline = Instant::now() + cfg.listener.drain_timeout;
+    if tokio::time::timeout_at(deadline + std::time::Duration::from_secs(1), data_task)
+        .await
+        .is_err()
+    {
+        warn!("data listener did not finish draining in time");
+    }
+    // 3. Close relay connections cleanly (HTTP/2 GOAWAY), then stop the rest.
+    pool.close(Instant::now() + std::time::Duration::from_secs(2))
+        .await;
+    background.trigger();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), admin_task).await;
+    info!("sprint-sidecar stopped");
+    Ok(())
+}

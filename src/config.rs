@@ -1,0 +1,1107 @@
+//! Configuration: built-in defaults < `sidecar.toml` < `SPRINT_SIDECAR_<SECTION>_<KEY>`
+//! environment variables < command-line flags, parsed once into typed values. Every error
+//! names the key it is about (and the file line for TOML syntax errors).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "SPRINT_SIDECAR_";
+
+/// Fully validated configuration of one sidecar process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub pool: PoolConfig,
+    pub breaker: BreakerConfig,
+    pub retry: RetryConfig,
+    pub memory: MemoryConfig,
+    pub log: LogConfig,
+    /// The merged raw values, kept for `check-config`.
+    raw: RawConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub max_connections: NonZeroUsize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    /// Overall deadline of one client request until response headers, over all attempts.
+    pub request_deadline: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub ready_requires_upstream: bool,
+    pub allow_insecure_permissions: bool,
+    /// Origins allowed to read the admin API cross-origin; empty: none.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+/// Where the relay is: a host name or IP literal and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub endpoint: Endpoint,
+    /// SNI and certificate name (defaults to the endpoint host).
+    pub server_name: String,
+    pub ca_file: Option<PathBuf>,
+    pub alpn: Vec<String>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub auth_header: http::HeaderName,
+    pub auth_token_file: Option<PathBuf>,
+    pub auth_token_env: Option<String>,
+    pub allow_insecure_permissions: bool,
+    /// TLS session resumption through the bounded ticket store.
+    pub session_resumption: bool,
+}
+
+impl UpstreamConfig {
+    /// The `Host` / `:authority` value sent to the relay: the server name, plus the port
+    /// when it is not 443.
+    pub fn authority(&self) -> String {
+        let host = if self.server_name.contains(':') {
+            format!("[{}]", self.server_name)
+        } else {
+            self.server_name.clone()
+        };
+        if self.endpoint.port == 443 {
+            host
+        } else {
+            format!("{host}:{}", self.endpoint.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub size: NonZeroUsize,
+    pub max_streams_per_connection: NonZeroUsize,
+    pub connect_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_connection_age: Duration,
+    pub reconnect_backoff_initial: Duration,
+    pub reconnect_backoff_max: Duration,
+    /// Idle HTTP/2 connections are PINGed this often.
+    pub ping_interval: Duration,
+    /// A connection whose p95 exceeds this multiple of the pool median is ejected.
+    pub slow_ejection_ratio: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub open_duration: Duration,
+    pub max_open_duration: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub budget_ratio: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    pub require_lock: bool,
+    pub lock_all: bool,
+    pub disable_core_dumps: bool,
+    pub wipe_freed_memory: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw layer: what files, environment and flags can say, with the documented defaults.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+struct RawConfig {
+    listener: RawListener,
+    admin: RawAdmin,
+    upstream: RawUpstream,
+    pool: RawPool,
+    breaker: RawBreaker,
+    retry: RawRetry,
+    memory: RawMemory,
+    log: RawLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListener {
+    address: String,
+    max_connections: i64,
+    header_read_timeout: String,
+    max_header_bytes: i64,
+    max_body_bytes: i64,
+    request_deadline: String,
+    drain_timeout: String,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        RawListener {
+            address: "127.0.0.1:9090".into(),
+            max_connections: 4096,
+            header_read_timeout: "10s".into(),
+            max_header_bytes: 65536,
+            max_body_bytes: 16 * 1024 * 1024,
+            request_deadline: "30s".into(),
+            drain_timeout: "20s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    address: String,
+    token_file: String,
+    ready_requires_upstream: bool,
+    allow_insecure_permissions: bool,
+    cors_allowed_origins: Vec<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            address: "127.0.0.1:9091".into(),
+            token_file: String::new(),
+            ready_requires_upstream: true,
+            allow_insecure_permissions: false,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    endpoint: String,
+    server_name: String,
+    ca_file: String,
+    alpn: Vec<String>,
+    client_cert_file: String,
+    client_key_file: String,
+    auth_header: String,
+    auth_token_file: String,
+    auth_token_env: String,
+    allow_insecure_permissions: bool,
+    session_resumption: bool,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            endpoint: "relay.bitcoin-sprint.inc:443".into(),
+            server_name: String::new(),
+            ca_file: String::new(),
+            alpn: vec!["h2".into(), "http/1.1".into()],
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
+            auth_header: "authorization".into(),
+            auth_token_file: String::new(),
+            auth_token_env: String::new(),
+            allow_insecure_permissions: false,
+            session_resumption: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPool {
+    size: i64,
+    max_streams_per_connection: i64,
+    connect_timeout: String,
+    tls_handshake_timeout: String,
+    request_timeout: String,
+    max_connection_age: String,
+    reconnect_backoff_initial: String,
+    reconnect_backoff_max: String,
+    ping_interval: String,
+    slow_ejection_ratio: f64,
+}
+
+impl Default for RawPool {
+    fn default() -> Self {
+        RawPool {
+            size: 4,
+            max_streams_per_connection: 100,
+            connect_timeout: "3s".into(),
+            tls_handshake_timeout: "5s".into(),
+            request_timeout: "15s".into(),
+            max_connection_age: "30m".into(),
+            reconnect_backoff_initial: "100ms".into(),
+            reconnect_backoff_max: "10s".into(),
+            ping_interval: "10s".into(),
+            slow_ejection_ratio: 3.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBreaker {
+    consecutive_failures: i64,
+    failure_rate: f64,
+    min_requests: i64,
+    window: String,
+    open_duration: String,
+    max_open_duration: String,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        RawBreaker {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            window: "10s".into(),
+            open_duration: "5s".into(),
+            max_open_duration: "60s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetry {
+    max_attempts: i64,
+    budget_ratio: f64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            max_attempts: 2,
+            budget_ratio: 0.2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMemory {
+    require_lock: bool,
+    lock_all: bool,
+    disable_core_dumps: bool,
+    wipe_freed_memory: bool,
+}
+
+impl Default for RawMemory {
+    fn default() -> Self {
+        RawMemory {
+            require_lock: true,
+            lock_all: false,
+            disable_core_dumps: true,
+            wipe_freed_memory: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/// A configuration that cannot be used: every problem found, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![problem.into()],
+        }
+    }
+
+    /// Each problem, one per key.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.problems.join("; "))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+
+/// Values given on the command line; each maps to one `section.key`.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub server_name: Option<String>,
+    pub ca_file: Option<String>,
+    pub pool_size: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+impl Overrides {
+    fn entries(&self) -> Vec<(&'static str, &'static str, &str)> {
+        let pairs: [(&'static str, &'static str, &Option<String>); 8] = [
+            ("listener", "address", &self.listen),
+            ("admin", "address", &self.admin_listen),
+            ("upstream", "endpoint", &self.upstream),
+            ("upstream", "server_name", &self.server_name),
+            ("upstream", "ca_file", &self.ca_file),
+            ("pool", "size", &self.pool_size),
+            ("log", "format", &self.log_format),
+            ("log", "level", &self.log_level),
+        ];
+        pairs
+            .into_iter()
+            .filter_map(|(s, k, v)| v.as_deref().map(|v| (s, k, v)))
+            .collect()
+    }
+}
+
+impl Config {
+    /// Loads the configuration from an optional file, the process environment and flags.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming every bad key (and the file line for TOML syntax errors).
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Self::load_from(file, &env, overrides)
+    }
+
+    /// Like [`Config::load`] with the environment passed in (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::one(format!("config file {}: {e}", path.display()))
+                })?;
+                parse_file(path, &text)?
+            }
+            None => toml::Table::new(),
+        };
+        let defaults = default_table();
+        let mut problems = Vec::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if rest == "CONFIG" {
+                continue;
+            }
+            match find_key(&defaults, rest) {
+                Some((section, key)) => {
+                    let typed = typed_value(&defaults, section, key, value).map_err(|why| {
+                        format!("{section}.{key} (from environment variable {name}): {why}")
+                    });
+                    match typed {
+                        Ok(v) => set(&mut table, section, key, v),
+                        Err(p) => problems.push(p),
+                    }
+                }
+                // Only names inside a known section are ours to judge: other variables may
+                // share the prefix (e.g. the one `auth_token_env` names).
+                None if defaults
+                    .keys()
+                    .any(|s| rest.starts_with(&format!("{}_", s.to_ascii_uppercase()))) =>
+                {
+                    problems.push(format!(
+                        "environment variable {name} names no configuration key"
+                    ))
+                }
+                None => {}
+            }
+        }
+        for (section, key, value) in overrides.entries() {
+            match typed_value(&defaults, section, key, value) {
+                Ok(v) => set(&mut table, section, key, v),
+                Err(why) => problems.push(format!("{section}.{key} (from command line): {why}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let raw = RawConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::one(e.message().trim().to_string()))?;
+        raw.validate()
+    }
+
+    /// The effective configuration as TOML, for `check-config`. Secret values never appear
+    /// in the configuration itself (only paths and variable names), so nothing is elided.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Parses the file text; syntax and type errors name the key and the line.
+fn parse_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    let located = |e: &toml::de::Error| -> String {
+        let msg = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => {
+                let (line, col) = line_col(text, span.start);
+                match key_at(text, span.start) {
+                    Some(key) => format!("{key}: {msg} ({}:{line}:{col})", path.display()),
+                    None => format!("{}:{line}:{col}: {msg}", path.display()),
+                }
+            }
+            None => format!("{}: {msg}", path.display()),
+        }
+    };
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::one(located(&e)))?;
+    // Type and unknown-key errors, with the file position while we still have it.
+    toml::from_str::<RawConfig>(text).map_err(|e| ConfigError::one(located(&e)))?;
+    Ok(table)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// The dotted `section.key` written at `offset` of a TOML text, found from the line's key
+/// and the nearest `[section]` header above it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let trimmed = line.trim();
+    if trimmed.starts_with('[') {
+        let name = trimmed.trim_matches(|c| c == '[' || c == ']').trim();
+        return Some(format!("[{name}]"));
+    }
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    if key.is_empty() {
+        return None;
+    }
+    let section = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+fn default_table() -> toml::Table {
+    toml::Table::try_from(RawConfig::default()).unwrap_or_default()
+}
+
+/// Maps `POOL_SIZE` to `("pool", "size")` against the known keys.
+fn find_key<'a>(defaults: &'a toml::Table, rest: &str) -> Option<(&'a str, &'a str)> {
+    for (section, keys) in defaults {
+        let Some(keys) = keys.as_table() else {
+            continue;
+        };
+        for key in keys.keys() {
+            let name = format!("{section}_{key}").to_ascii_uppercase();
+            if name == rest {
+                return Some((section.as_str(), key.as_str()));
+            }
+        }
+    }
+    None
+}
+
+/// Converts a string from the environment or a flag to the TOML type of the key's default.
+fn typed_value(
+    defaults: &toml::Table,
+    section: &str,
+    key: &str,
+    value: &str,
+) -> Result<toml::Value, String> {
+    let default = defaults
+        .get(section)
+        .and_then(|s| s.get(key))
+        .ok_or_else(|| "unknown key".to_string())?;
+    let v = value.trim();
+    Ok(match default {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            v.parse()
+                .map_err(|_| format!("expected an integer, got {v:?}"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            v.parse()
+                .map_err(|_| format!("expected a number, got {v:?}"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(match v {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(format!("expected true or false, got {v:?}")),
+        }),
+        toml::Value::Array(_) => toml::Value::Array(
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => toml::Value::String(value.to_string()),
+    })
+}
+
+fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    if let Some(t) = entry.as_table_mut() {
+        t.insert(key.to_string(), value);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation: raw → typed, collecting every problem.
+
+/// Parses a duration such as `"250ms"`, `"5s"`, `"10m"`, `"1h30m"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration (expected e.g. \"250ms\", \"5s\", \"10m\")".into());
+    }
+    humantime::parse_duration(t).map_err(|_| {
+        format!("invalid duration {text:?} (expected e.g. \"250ms\", \"5s\", \"10m\")")
+    })
+}
+
+struct Checker {
+    problems: Vec<String>,
+}
+
+impl Checker {
+    fn duration(&mut self, key: &str, text: &str, allow_zero: bool) -> Duration {
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() && !allow_zero => {
+                self.problems
+                    .push(format!("{key}: must be greater than zero"));
+                Duration::from_secs(1)
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problems.push(format!("{key}: {e}"));
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn address(&mut self, key: &str, text: &str) -> SocketAddr {
+        match text.trim().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problems.push(format!(
+                    "{key}: invalid address {text:?} (expected IP:PORT, e.g. \"127.0.0.1:9090\")"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: i64, max: i64) -> usize {
+        if value < 1 || value > max {
+            self.problems
+                .push(format!("{key}: must be between 1 and {max}, got {value}"));
+            1
+        } else {
+            value as usize
+        }
+    }
+
+    fn ratio(&mut self, key: &str, value: f64, min: f64, max: f64) -> f64 {
+        if !(value.is_finite() && value >= min && value <= max) {
+            self.problems.push(format!(
+                "{key}: must be between {min} and {max}, got {value}"
+            ));
+            min
+        } else {
+            value
+        }
+    }
+
+    fn path(&mut self, key: &str, text: &str, must_exist: bool) -> Option<PathBuf> {
+        if text.trim().is_empty() {
+            return None;
+        }
+        let path = PathBuf::from(text);
+        if must_exist {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => self
+                    .problems
+                    .push(format!("{key}: {} is not a regular file", path.display())),
+                Err(e) => self
+                    .problems
+                    .push(format!("{key}: cannot read {}: {e}", path.display())),
+            }
+        }
+        Some(path)
+    }
+}
+
+fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("https://")
+        .unwrap_or(t)
+        .trim_end_matches('/');
+    let err = || {
+        format!(
+            "invalid endpoint {text:?} (expected HOST:PORT, e.g. \"relay.bitcoin-sprint.inc:443\")"
+        )
+    };
+    let (host, port) = if let Some(rest) = t.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").ok_or_else(err)?;
+        (h, p)
+    } else {
+        t.rsplit_once(':').ok_or_else(err)?
+    };
+    let port: u16 = port.parse().map_err(|_| err())?;
+    if host.is_empty() || port == 0 || host.contains('/') || host.contains(' ') {
+        return Err(err());
+    }
+    Ok(Endpoint {
+        host: host.to_string(),
+        port,
+    })
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+        let l = &self.listener;
+        let listener = ListenerConfig {
+            address: c.address("listener.address", &l.address),
+            max_connections: NonZeroUsize::new(c.positive(
+                "listener.max_connections",
+                l.max_connections,
+                1 << 20,
+            ))
+            .unwrap_or(NonZeroUsize::MIN),
+            header_read_timeout: c.duration(
+                "listener.header_read_timeout",
+                &l.header_read_timeout,
+                false,
+            ),
+            max_header_bytes: c.positive("listener.max_header_bytes", l.max_header_bytes, 16 << 20),
+            max_body_bytes: c.positive("listener.max_body_bytes", l.max_body_bytes, i64::MAX)
+                as u64,
+            request_deadline: c.duration("listener.request_deadline", &l.request_deadline, false),
+            drain_timeout: c.duration("listener.drain_timeout", &l.drain_timeout, true),
+        };
+        let a = &self.admin;
+        let admin = AdminConfig {
+            address: c.address("admin.address", &a.address),
+            token_file: c.path("admin.token_file", &a.token_file, true),
+            ready_requires_upstream: a.ready_requires_upstream,
+            allow_insecure_permissions: a.allow_insecure_permissions,
+            cors_allowed_origins: a.cors_allowed_origins.clone(),
+        };
+        let u = &self.upstream;
+        let endpoint = parse_endpoint(&u.endpoint).unwrap_or_else(|e| {
+            c.problems.push(format!("upstream.endpoint: {e}"));
+            Endpoint {
+                host: "invalid".into(),
+                port: 443,
+            }
+        });
+        let server_name = if u.server_name.trim().is_empty() {
+            endpoint.host.clone()
+        } else {
+            u.server_name.trim().to_string()
+        };
+        if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            c.problems.push(format!(
+                "upstream.server_name: {server_name:?} is not a valid DNS name or IP address"
+            ));
+        }
+        let alpn: Vec<String> = u.alpn.iter().map(|s| s.trim().to_string()).collect();
+        if alpn.is_empty() {
+            c.problems
+                .push("upstream.alpn: must name at least one of \"h2\", \"http/1.1\"".into());
+        }
+        for p in &alpn {
+            if p != "h2" && p != "http/1.1" {
+                c.problems.push(format!(
+                    "upstream.alpn: unsupported protocol {p:?} (supported: \"h2\", \"http/1.1\")"
+                ));
+            }
+        }
+        let auth_header = match http::HeaderName::from_bytes(u.auth_header.trim().as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                c.problems.push(format!(
+                    "upstream.auth_header: {:?} is not a valid header name",
+                    u.auth_header
+                ));
+                http::header::AUTHORIZATION
+            }
+        };
+        let client_cert_file = c.path("upstream.client_cert_file", &u.client_cert_file, true);
+        let client_key_file = c.path("upstream.client_key_file", &u.client_key_file, true);
+        if client_cert_file.is_some() != client_key_file.is_some() {
+            c.problems.push(
+                "upstream.client_key_file: client_cert_file and client_key_file must be set together"
+                    .into(),
+            );
+        }
+        let auth_token_file = c.path("upstream.auth_token_file", &u.auth_token_file, true);
+        let auth_token_env =
+            (!u.auth_token_env.trim().is_empty()).then(|| u.auth_token_env.trim().to_string());
+        if auth_token_file.is_some() && auth_token_env.is_some() {
+            c.problems.push(
+                "upstream.auth_token_env: set either auth_token_file or auth_token_env, not both"
+                    .into(),
+            );
+        }
+        let upstream = UpstreamConfig {
+            ca_file: c.path("upstream.ca_file", &u.ca_file, true),
+            endpoint,
+            server_name,
+            alpn,
+            client_cert_file,
+            client_key_file,
+            auth_header,
+            auth_token_file,
+            auth_token_env,
+            allow_insecure_permissions: u.allow_insecure_permissions,
+            session_resumption: u.session_resumption,
+        };
+        let p = &self.pool;
+        let pool = PoolConfig {
+            size: NonZeroUsize::new(c.positive("pool.size", p.size, 256))
+                .unwrap_or(NonZeroUsize::MIN),
+            max_streams_per_connection: NonZeroUsize::new(c.positive(
+                "pool.max_streams_per_connection",
+                p.max_streams_per_connection,
+                10_000,
+            ))
+            .unwrap_or(NonZeroUsize::MIN),
+            connect_timeout: c.duration("pool.connect_timeout", &p.connect_timeout, false),
+            tls_handshake_timeout: c.duration(
+                "pool.tls_handshake_timeout",
+                &p.tls_handshake_timeout,
+                false,
+            ),
+            request_timeout: c.duration("pool.request_timeout", &p.request_timeout, false),
+            max_connection_age: c.duration("pool.max_connection_age", &p.max_connection_age, false),
+            reconnect_backoff_initial: c.duration(
+                "pool.reconnect_backoff_initial",
+                &p.reconnect_backoff_initial,
+                false,
+            ),
+            reconnect_backoff_max: c.duration(
+                "pool.reconnect_backoff_max",
+                &p.reconnect_backoff_max,
+                false,
+            ),
+            ping_interval: c.duration("pool.ping_interval", &p.ping_interval, false),
+            slow_ejection_ratio: c.ratio(
+                "pool.slow_ejection_ratio",
+                p.slow_ejection_ratio,
+                1.0,
+                1000.0,
+            ),
+        };
+        if pool.reconnect_backoff_max < pool.reconnect_backoff_initial {
+            c.problems.push(
+                "pool.reconnect_backoff_max: must not be less than reconnect_backoff_initial"
+                    .into(),
+            );
+        }
+        let b = &self.breaker;
+        let breaker = BreakerConfig {
+            consecutive_failures: c.positive(
+                "breaker.consecutive_failures",
+                b.consecutive_failures,
+                1_000_000,
+            ) as u32,
+            failure_rate: c.ratio("breaker.failure_rate", b.failure_rate, 0.0, 1.0),
+            min_requests: c.positive("breaker.min_requests", b.min_requests, 1_000_000) as u32,
+            window: c.duration("breaker.window", &b.window, false),
+            open_duration: c.duration("breaker.open_duration", &b.open_duration, false),
+            max_open_duration: c.duration("breaker.max_open_duration", &b.max_open_duration, false),
+        };
+        if breaker.max_open_duration < breaker.open_duration {
+            c.problems
+                .push("breaker.max_open_duration: must not be less than open_duration".into());
+        }
+        let r = &self.retry;
+        let retry = RetryConfig {
+            max_attempts: c.positive("retry.max_attempts", r.max_attempts, 10) as u32,
+            budget_ratio: c.ratio("retry.budget_ratio", r.budget_ratio, 0.0, 1.0),
+        };
+        let memory = MemoryConfig {
+            require_lock: self.memory.require_lock,
+            lock_all: self.memory.lock_all,
+            disable_core_dumps: self.memory.disable_core_dumps,
+            wipe_freed_memory: self.memory.wipe_freed_memory,
+        };
+        let format = match self.log.format.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                c.problems.push(format!(
+                    "log.format: expected \"text\" or \"json\", got {other:?}"
+                ));
+                LogFormat::Text
+            }
+        };
+        let level = self.log.level.trim().to_string();
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.is_empty() {
+            c.problems.push(format!(
+                "log.level: invalid level {level:?} (expected error, warn, info, debug or trace)"
+            ));
+        }
+        let log = LogConfig { format, level };
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                problems: c.problems,
+            });
+        }
+        Ok(Config {
+            listener,
+            admin,
+            upstream,
+            pool,
+            breaker,
+            retry,
+            memory,
+            log,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_text(text: &str, env: &[(&str, &str)], o: &Overrides) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(Some(f.path()), &env, o)
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults load");
+        assert_eq!(c.listener.address.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9091");
+        assert_eq!(
+            c.upstream.endpoint.to_string(),
+            "relay.bitcoin-sprint.inc:443"
+        );
+        assert_eq!(c.upstream.server_name, "relay.bitcoin-sprint.inc");
+        assert_eq!(c.upstream.authority(), "relay.bitcoin-sprint.inc");
+        assert_eq!(c.pool.size.get(), 4);
+        assert_eq!(c.pool.request_timeout, Duration::from_secs(15));
+        assert_eq!(c.pool.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(c.breaker.consecutive_failures, 5);
+        assert_eq!(c.retry.max_attempts, 2);
+        assert!(c.memory.require_lock);
+    }
+
+    #[test]
+    fn the_shipped_sidecar_toml_equals_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sidecar.toml");
+        let shipped =
+            Config::load_from(Some(&path), &[], &Overrides::default()).expect("sidecar.toml loads");
+        let defaults = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert_eq!(shipped.to_toml(), defaults.to_toml());
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_flag() {
+        let text = "[pool]\nsize = 3\n";
+        assert_eq!(
+            load_text(text, &[], &Overrides::default())
+                .unwrap()
+                .pool
+                .size
+                .get(),
+            3
+        );
+        let env = [("SPRINT_SIDECAR_POOL_SIZE", "5")];
+        assert_eq!(
+            load_text(text, &env, &Overrides::default())
+                .unwrap()
+                .pool
+                .size
+                .get(),
+            5
+        );
+        let flags = Overrides {
+            pool_size: Some("7".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(load_text(text, &env, &flags).unwrap().pool.size.get(), 7);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err =
+            load_text("[pool]\nsize = 2\nsise = 3\n", &[], &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("pool.sise"), "{msg}");
+        assert!(msg.contains(":3:"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = load_text("[pool]\nsize = \"four\"\n", &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("pool.size"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = load_text("[pool]\nsize = = 2\n", &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once() {
+        let text = "[pool]\nsize = 0\nconnect_timeout = \"5 parsecs\"\n[listener]\naddress = \"nowhere\"\n";
+        let err = load_text(text, &[], &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        for key in ["pool.size", "pool.connect_timeout", "listener.address"] {
+            assert!(msg.contains(key), "{key} missing in {msg}");
+        }
+        assert_eq!(err.problems().len(), 3);
+    }
+
+    #[test]
+    fn missing_ca_file_names_the_path() {
+        let err = load_text(
+            "[upstream]\nca_file = \"/nonexistent/ca.pem\"\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("upstream.ca_file") && msg.contains("/nonexistent/ca.pem"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn env_values_are_typed_and_checked() {
+        let env = [("SPRINT_SIDECAR_POOL_SIZE", "many")];
+        let err = load_text("", &env, &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("SPRINT_SIDECAR_POOL_SIZE"),
+            "{err}"
+        );
+        let env = [("SPRINT_SIDECAR_UPSTREAM_ALPN", "http/1.1")];
+        let c = load_text("", &env, &Overrides::default()).unwrap();
+        assert_eq!(c.upstream.alpn, vec!["http/1.1".to_string()]);
+        let env = [("SPRINT_SIDECAR_POOL_NOPE", "1")];
+        assert!(load_text("", &env, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn authority_keeps_a_non_default_port() {
+        let o = Overrides {
+            upstream: Some("127.0.0.1:8443".into()),
+            server_name: Some("relay.test".into()),
+            ..Overrides::default()
+        };
+        let c = Config::load_from(None, &[], &o).unwrap();
+        assert_eq!(c.upstream.authority(), "relay.test:8443");
+    }
+}

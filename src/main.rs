@@ -1,0 +1,199 @@
+//! `sprint-sidecar`: parse the command line, load the configuration, harden the process,
+//! run. Exit codes: 0 clean stop, 1 run-time failure (or an unhealthy pool for `status`),
+//! 2 invalid configuration or secrets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use sprint_sidecar::app::{self, AppError};
+use sprint_sidecar::config::{Config, LogFormat, Overrides};
+use sprint_sidecar::hardening::{self, HardeningOptions};
+use sprint_sidecar::shutdown::Shutdown;
+use sprint_sidecar::{demo, secret, status_cli};
+
+#[global_allocator]
+static GLOBAL: secret::WipingAllocator = secret::WipingAllocator;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sprint-sidecar",
+    version,
+    about = "TLS sidecar proxy for the Bitcoin Sprint relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective values (secrets redacted).
+    CheckConfig,
+    /// Query a running sidecar's admin API and print the pool as a table.
+    Status {
+        /// Base URL of the admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9091")]
+        admin: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        /// File holding the admin bearer token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Start an embedded local TLS relay, the sidecar in front of it, and a little traffic.
+    Demo,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "SPRINT_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data listener address (listener.address).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Admin listener address (admin.address).
+    #[arg(long, global = true)]
+    admin_listen: Option<String>,
+    /// Relay endpoint HOST:PORT (upstream.endpoint).
+    #[arg(long, global = true)]
+    upstream: Option<String>,
+    /// TLS server name (upstream.server_name).
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    /// PEM trust anchors for the relay (upstream.ca_file).
+    #[arg(long, global = true)]
+    ca_file: Option<String>,
+    /// Warm connections (pool.size).
+    #[arg(long, global = true)]
+    pool_size: Option<String>,
+    /// text or json (log.format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    /// error, warn, info, debug, trace (log.level).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            upstream: self.upstream.clone(),
+            server_name: self.server_name.clone(),
+            ca_file: self.ca_file.clone(),
+            pool_size: self.pool_size.clone(),
+            log_format: self.log_format.clone(),
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn fail(e: &AppError) -> ExitCode {
+    eprintln!("sprint-sidecar: {e}");
+    ExitCode::from(e.exit_code() as u8)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::runtime(format!("cannot start the runtime: {e}")))
+}
+
+fn announce(bound: app::Bound) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "sprint-sidecar listening data=http://{} admin=http://{}",
+        bound.data, bound.admin
+    );
+    let _ = out.flush();
+}
+
+fn run(args: &RunArgs) -> Result<(), AppError> {
+    let cfg = Config::load(args.config.as_deref(), &args.overrides())
+        .map_err(|e| AppError::config(e.to_string()))?;
+    init_tracing(cfg.log.format, &cfg.log.level);
+    secret::set_wipe_on_free(cfg.memory.wipe_freed_memory);
+    // Hardening and secrets come before any thread is spawned.
+    let state = hardening::apply(HardeningOptions {
+        require_lock: cfg.memory.require_lock,
+        lock_all: cfg.memory.lock_all,
+        disable_core_dumps: cfg.memory.disable_core_dumps,
+    })
+    .map_err(|e| AppError::config(e.to_string()))?;
+    let credential = app::load_credential(&cfg)?;
+    runtime()?.block_on(app::run(cfg, state, credential, Shutdown::new(), announce))
+}
+
+fn check_config(args: &RunArgs) -> Result<(), AppError> {
+    let cfg = Config::load(args.config.as_deref(), &args.overrides())
+        .map_err(|e| AppError::config(e.to_string()))?;
+    sprint_sidecar::tls::install_default_provider();
+    sprint_sidecar::tls::setup(&cfg.upstream).map_err(|e| AppError::config(e.to_string()))?;
+    let credential = app::load_credential(&cfg)?;
+    print!("{}", cfg.to_toml());
+    if let Some(c) = credential {
+        println!("# relay credential: loaded into locked memory ({c:?}), value redacted");
+    }
+    println!("# configuration is valid");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        None => run(&cli.run),
+        Some(Command::Run) => run(&cli.run),
+        Some(Command::CheckConfig) => check_config(&cli.run),
+        Some(Command::Demo) => {
+            let a = &cli.run;
+            init_tracing(LogFormat::Text, a.log_level.as_deref().unwrap_or("info"));
+            runtime().and_then(|rt| rt.block_on(demo::run(a.overrides())))
+        }
+        Some(Command::Status {
+            admin,
+            json,
+            token_file,
+        }) => {
+            let token = match token_file.as_deref().map(status_cli::read_token_file) {
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => return fail(&AppError::config(e.to_string())),
+                None => None,
+            };
+            match runtime().map(|rt| rt.block_on(status_cli::run(admin, *json, token))) {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => return ExitCode::from(1),
+                Ok(Err(e)) => Err(AppError::config(e.to_string())),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,535 @@
+//! Every Prometheus family of the sidecar, declared and registered once. Names are
+//! `sprint_sidecar_*` with units in the name; label values are bounded sets (method class,
+//! status class, pool slot 0..size-1, breaker state, reason). Components hold a cheap
+//! clonable [`Metrics`] handle. Two registries: the pool's families (served alone at
+//! `/api/v1/secure-channel/metrics`) and the service's; `/metrics` serves both.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::upstream::breaker::{BreakerState, TripReason};
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+struct Inner {
+    service: Registry,
+    pool: Registry,
+    requests: Family<Labels2, Counter>,
+    request_duration: Histogram,
+    attempt_duration: Family<Labels1, Histogram>,
+    retries: Family<Labels1, Counter>,
+    retry_budget_exhausted: Counter,
+    in_flight: Gauge,
+    client_connections: Gauge,
+    client_connections_total: Counter,
+    upstream_connections: Family<Labels1, Gauge>,
+    breaker_state: Family<Labels1, Gauge>,
+    breaker_transitions: Family<Labels2, Counter>,
+    reconnects: Counter,
+    slow_ejections: Counter,
+    tls_handshakes: Counter,
+    tls_handshake_failures: Family<Labels1, Counter>,
+    received_bytes: Counter,
+    sent_bytes: Counter,
+    upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
+    secure_buffers: Gauge,
+    locked_bytes: Gauge,
+    self_check_passed: Gauge,
+    slot_names: Vec<&'static str>,
+    answered: AtomicU64,
+    answered_5xx: AtomicU64,
+}
+
+/// Cheap handle to the process's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Bounded method label.
+pub fn method_class(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+/// Bounded status label: `2xx`, `4xx`, ...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Point-in-time values set just before each scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ScrapeValues {
+    /// (slot index, breaker state) for every slot.
+    pub breakers: Vec<(usize, BreakerState)>,
+    /// (slot index, p95 seconds) for every slot.
+    pub p95_seconds: Vec<(usize, f64)>,
+    /// Slots per state name.
+    pub upstream_states: Vec<(&'static str, i64)>,
+    pub secure_buffers: i64,
+    pub locked_bytes: i64,
+    pub self_check_passed: Option<bool>,
+}
+
+impl Metrics {
+    pub fn new(pool_size: usize) -> Metrics {
+        let mut service = Registry::with_prefix("sprint_sidecar");
+        let mut pool = Registry::with_prefix("sprint_sidecar");
+        let requests = Family::<Labels2, Counter>::default();
+        service.register(
+            "requests",
+            "Client requests answered, by method and status class",
+            requests.clone(),
+        );
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        service.register_with_unit(
+            "request_duration",
+            "Time from a client request to its response headers",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        service.register(
+            "in_flight_requests",
+            "Client requests being served now",
+            in_flight.clone(),
+        );
+        let client_connections = Gauge::default();
+        service.register(
+            "client_connections",
+            "Open client connections on the data listener",
+            client_connections.clone(),
+        );
+        let client_connections_total = Counter::default();
+        service.register(
+            "client_connections_accepted",
+            "Client connections accepted on the data listener",
+            client_connections_total.clone(),
+        );
+        let received_bytes = Counter::default();
+        service.register_with_unit(
+            "client_received",
+            "Request body bytes received from clients",
+            Unit::Bytes,
+            received_bytes.clone(),
+        );
+        let sent_bytes = Counter::default();
+        service.register_with_unit(
+            "client_sent",
+            "Response body bytes sent to clients",
+            Unit::Bytes,
+            sent_bytes.clone(),
+        );
+        let secure_buffers = Gauge::default();
+        service.register(
+            "secure_buffers",
+            "Secrets held in locked, guarded memory",
+            secure_buffers.clone(),
+        );
+        let locked_bytes = Gauge::default();
+        service.register_with_unit(
+            "secure_buffer_locked",
+            "Bytes of secret memory locked with mlock",
+            Unit::Bytes,
+            locked_bytes.clone(),
+        );
+        let self_check_passed = Gauge::default();
+        service.register(
+            "memory_self_check_passed",
+            "1 when the last memory-protection self-check passed, else 0",
+            self_check_passed.clone(),
+        );
+        service.register(
+            "build",
+            "Build information",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+
+        let attempt_duration = Family::<Labels1, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        pool.register_with_unit(
+            "upstream_attempt_duration",
+            "Time from sending one attempt to the relay to its response headers, by outcome",
+            Unit::Seconds,
+            attempt_duration.clone(),
+        );
+        let retries = Family::<Labels1, Counter>::default();
+        pool.register(
+            "upstream_retries",
+            "Requests retried on another connection, by reason",
+            retries.clone(),
+        );
+        let retry_budget_exhausted = Counter::default();
+        pool.register(
+            "upstream_retry_budget_exhausted",
+            "Retries refused because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let upstream_connections = Family::<Labels1, Gauge>::default();
+        pool.register(
+            "upstream_connections",
+            "Pool slots by state (connecting, connected, backoff, draining)",
+            upstream_connections.clone(),
+        );
+        let breaker_state = Family::<Labels1, Gauge>::default();
+        pool.register(
+            "upstream_breaker_state",
+            "Circuit breaker of each pool slot: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        let breaker_transitions = Family::<Labels2, Counter>::default();
+        pool.register(
+            "upstream_breaker_transitions",
+            "Circuit breaker transitions, by new state and reason",
+            breaker_transitions.clone(),
+        );
+        let reconnects = Counter::default();
+        pool.register(
+            "upstream_reconnects",
+            "Relay connections re-dialed",
+            reconnects.clone(),
+        );
+        let slow_ejections = Counter::default();
+        pool.register(
+            "upstream_slow_ejections",
+            "Relay connections replaced for being latency outliers",
+            slow_ejections.clone(),
+        );
+        let tls_handshakes = Counter::default();
+        pool.register(
+            "upstream_tls_handshakes",
+            "Successful TLS handshakes with the relay",
+            tls_handshakes.clone(),
+        );
+        let tls_handshake_failures = Family::<Labels1, Counter>::default();
+        pool.register(
+            "upstream_tls_handshake_failures",
+            "Failed dials to the relay, by reason (connect, timeout, certificate)",
+            tls_handshake_failures.clone(),
+        );
+        let upstream_latency_p95 = Family::<Labels1, Gauge<f64, AtomicU64>>::default();
+        pool.register_with_unit(
+            "upstream_latency_p95",
+            "p95 time to response headers of each pool slot over the last 60 s",
+            Unit::Seconds,
+            upstream_latency_p95.clone(),
+        );
+        let slot_names = (0..pool_size)
+            .map(|i| &*Box::leak(i.to_string().into_boxed_str()))
+            .collect();
+        Metrics {
+            inner: Arc::new(Inner {
+                service,
+                pool,
+                requests,
+                request_duration,
+                attempt_duration,
+                retries,
+                retry_budget_exhausted,
+                in_flight,
+                client_connections,
+                client_connections_total,
+                upstream_connections,
+                breaker_state,
+                breaker_transitions,
+                reconnects,
+                slow_ejections,
+                tls_handshakes,
+                tls_handshake_failures,
+                received_bytes,
+                sent_bytes,
+                upstream_latency_p95,
+                secure_buffers,
+                locked_bytes,
+                self_check_passed,
+                slot_names,
+                answered: AtomicU64::new(0),
+                answered_5xx: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn request_finished(&self, method: &http::Method, status: u16, elapsed: Duration) {
+        let i = &self.inner;
+        i.requests
+            .get_or_create(&[
+                ("method", method_class(method)),
+                ("status_class", status_class(status)),
+            ])
+            .inc();
+        i.request_duration.observe(elapsed.as_secs_f64());
+        i.answered.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            i.answered_5xx.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (client requests answered, of which 5xx) since start.
+    pub fn answered(&self) -> (u64, u64) {
+        (
+            self.inner.answered.load(Ordering::Relaxed),
+            self.inner.answered_5xx.load(Ordering::Relaxed),
+        )
+    }
+
+    /// (retries, retries refused by the budget) since start.
+    pub fn retries_total(&self) -> (u64, u64) {
+        let r = &self.inner.retries;
+        let retries = ["never_sent", "idempotent"]
+            .iter()
+            .map(|reason| r.get_or_create(&[("reason", reason)]).get())
+            .sum();
+        (retries, self.inner.retry_budget_exhausted.get())
+    }
+
+    pub fn attempt(&self, success: bool, elapsed: Duration) {
+        let outcome = if success { "success" } else { "failure" };
+        self.inner
+            .attempt_duration
+            .get_or_create(&[("outcome", outcome)])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn retry(&self, reason: &'static str) {
+        self.inner
+            .retries
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self) {
+        self.inner.retry_budget_exhausted.inc();
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        &self.inner.in_flight
+    }
+
+    pub fn client_connection_opened(&self) {
+        self.inner.client_connections.inc();
+        self.inner.client_connections_total.inc();
+    }
+
+    pub fn client_connection_closed(&self) {
+        self.inner.client_connections.dec();
+    }
+
+    pub fn breaker_transition(&self, to: BreakerState, reason: Option<TripReason>) {
+        let reason = reason.map_or("recovered", TripReason::as_str);
+        self.inner
+            .breaker_transitions
+            .get_or_create(&[("to", to.as_str()), ("reason", reason)])
+            .inc();
+    }
+
+    pub fn reconnect(&self) {
+        self.inner.reconnects.inc();
+    }
+
+    pub fn slow_ejection(&self) {
+        self.inner.slow_ejections.inc();
+    }
+
+    /// A dial finished: `None` on success, else the failure reason.
+    pub fn tls_handshake(&self, failure: Option<&'static str>) {
+        match failure {
+            None => {
+                self.inner.tls_handshakes.inc();
+            }
+            Some(reason) => {
+                self.inner
+                    .tls_handshake_failures
+                    .get_or_create(&[("reason", reason)])
+                    .inc();
+            }
+        }
+    }
+
+    pub fn bytes(&self, received: u64, sent: u64) {
+        if received > 0 {
+            self.inner.received_bytes.inc_by(received);
+        }
+        if sent > 0 {
+            self.inner.sent_bytes.inc_by(sent);
+        }
+    }
+
+    fn refresh(&self, v: &ScrapeValues) {
+        let i = &self.inner;
+        for (slot, state) in &v.breakers {
+            if let Some(name) = i.slot_names.get(*slot) {
+                let value = match state {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                };
+                i.breaker_state.get_or_create(&[("slot", name)]).set(value);
+            }
+        }
+        for (slot, p95) in &v.p95_seconds {
+            if let Some(name) = i.slot_names.get(*slot) {
+                i.upstream_latency_p95
+                    .get_or_create(&[("slot", name)])
+                    .set(*p95);
+            }
+        }
+        for (state, n) in &v.upstream_states {
+            i.upstream_connections
+                .get_or_create(&[("state", state)])
+                .set(*n);
+        }
+        i.secure_buffers.set(v.secure_buffers);
+        i.locked_bytes.set(v.locked_bytes);
+        if let Some(ok) = v.self_check_passed {
+            i.self_check_passed.set(i64::from(ok));
+        }
+    }
+
+    /// OpenMetrics text of every family (`pool_only`: the pool's families).
+    pub fn encode(&self, values: &ScrapeValues, pool_only: bool) -> String {
+        self.refresh(values);
+        let mut out = String::with_capacity(8192);
+        if !pool_only {
+            let _ = encode_registry(&mut out, &self.inner.service);
+        }
+        let _ = encode_registry(&mut out, &self.inner.pool);
+        let _ = encode_eof(&mut out);
+        out
+    }
+}
+
+/// Converts OpenMetrics text to the Prometheus text format 0.0.4 for scrapers that ask
+/// for `text/plain` only: counters are typed under their `_total` sample name, info
+/// metrics become gauges, `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    let mut infos = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                match kind {
+                    "counter" => {
+                        counters.insert(name.to_string());
+                    }
+                    "info" => {
+                        infos.insert(name.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let rewritten = if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap_or_default();
+            let kind = parts.next().unwrap_or_default();
+            if counters.contains(name) {
+                format!("# TYPE {name}_total counter")
+            } else if infos.contains(name) {
+                format!("# TYPE {name}_info gauge")
+            } else {
+                format!("# TYPE {name} {kind}")
+            }
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                format!("# HELP {name}_total {help}")
+            } else if infos.contains(name) {
+                format!("# HELP {name}_info {help}")
+            } else {
+                line.to_string()
+            }
+        } else {
+            line.to_string()
+        };
+        out.push_str(&rewritten);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_named_with_prefix_and_units() {
+        let m = Metrics::new(2);
+        m.request_finished(&http::Method::POST, 200, Duration::from_millis(3));
+        m.attempt(true, Duration::from_millis(2));
+        let values = ScrapeValues {
+            breakers: vec![(0, BreakerState::Closed), (1, BreakerState::Open)],
+            ..ScrapeValues::default()
+        };
+        let text = m.encode(&values, false);
+        assert!(
+            text.contains("sprint_sidecar_requests_total{method=\"POST\",status_class=\"2xx\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# UNIT sprint_sidecar_request_duration_seconds seconds"));
+        assert!(text.contains("sprint_sidecar_upstream_breaker_state{slot=\"1\"} 2"));
+        assert!(text.contains("sprint_sidecar_build_info{version="));
+        assert!(text.ends_with("# EOF\n"));
+        let pool = m.encode(&values, true);
+        assert!(pool.contains("sprint_sidecar_upstream_breaker_state"));
+        assert!(!pool.contains("sprint_sidecar_requests_total"));
+    }
+
+    #[test]
+    fn prometheus_text_has_no_openmetrics_only_lines() {
+        let m = Metrics::new(1);
+        m.reconnect();
+        let text = to_prometheus_text(&m.encode(&ScrapeValues::default(), false));
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# UNIT"));
+        assert!(text.contains("# TYPE sprint_sidecar_upstream_reconnects_total counter"));
+        assert!(text.contains("# TYPE sprint_sidecar_build_info gauge"));
+    }
+
+    #[test]
+    fn label_values_are_bounded() {
+        assert_eq!(
+            method_class(&http::Method::from_bytes(b"BREW").unwrap()),
+            "OTHER"
+        );
+        assert_eq!(status_class(599), "5xx");
+        assert_eq!(status_class(204), "2xx");
+    }
+}

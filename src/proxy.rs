@@ -1,0 +1,469 @@
+//! The data plane: plain HTTP/1.1 (and h2c with prior knowledge) from local apps on
+//! `listener.address`, each request rewritten (path and query unchanged, Host/:authority set
+//! to the relay, hop-by-hop headers and any client copy of the credential header dropped)
+//! and forwarded through the upstream pool, bodies streamed both ways.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::response::json_error;
+use crate::upstream::connection::{BoxError, ResponseBody};
+use crate::upstream::{OutgoingBody, OutgoingHead, Upstream, UpstreamError};
+
+/// Bodies up to this size (with a known length) are read whole so a failed attempt can be
+/// retried; larger or chunked bodies are streamed and sent once.
+pub const REPLAYABLE_BODY_LIMIT: u64 = 64 * 1024;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), plus the
+/// proxy credentials of this hop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What the request handler needs, shared by all client connections.
+pub struct DataPlane {
+    upstream: Arc<Upstream>,
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    authority: String,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataPlane {
+    pub fn new(upstream: Arc<Upstream>, cfg: Arc<Config>, metrics: Metrics) -> Self {
+        let authority = cfg.upstream.authority();
+        DataPlane {
+            upstream,
+            cfg,
+            metrics,
+            authority,
+        }
+    }
+}
+
+/// Accepts local clients until shutdown, then stops accepting and lets in-flight requests
+/// finish for up to `listener.drain_timeout`.
+pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch::Receiver<bool>) {
+    let cfg = plane.cfg.clone();
+    let limit = Arc::new(Semaphore::new(cfg.listener.max_connections.get()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.listener.header_read_timeout)
+        .max_buf_size(cfg.listener.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.listener.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_concurrent_streams(1024);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = shutdown.clone();
+    loop {
+        // Bound live connections: wait for a free place before accepting more.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = crate::shutdown::triggered(&mut stop) => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = crate::shutdown::triggered(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        plane.metrics.client_connection_opened();
+        let p = plane.clone();
+        let service = service_fn(move |req| {
+            let p = p.clone();
+            async move { Ok::<_, Infallible>(handle(&p, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let metrics = plane.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "client connection ended with an error");
+            }
+            metrics.client_connection_closed();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!("data listener closed; draining in-flight requests");
+    if tokio::time::timeout(cfg.listener.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("drain deadline passed with client requests still open");
+    }
+}
+
+/// The body answered to clients: the relay's streamed body, or a small local one.
+pub enum ProxyBody {
+    Relay {
+        body: ResponseBody,
+        metrics: Metrics,
+    },
+    Local(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Relay { body, metrics } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &polled
+                    && let Some(d) = f.data_ref()
+                {
+                    metrics.bytes(0, d.len() as u64);
+                }
+                polled
+            }
+            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Relay { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Relay { body, .. } => body.size_hint(),
+            ProxyBody::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+fn local(resp: Response<Full<Bytes>>) -> Response<ProxyBody> {
+    resp.map(ProxyBody::Local)
+}
+
+/// Serves one client request.
+async fn handle(plane: &DataPlane, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    plane.metrics.in_flight().inc();
+    let resp = forward(plane, req, start).await;
+    plane.metrics.in_flight().dec();
+    plane
+        .metrics
+        .request_finished(&method, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> Response<ProxyBody> {
+    let cfg = &plane.cfg;
+    if req.method() == http::Method::CONNECT {
+        return local(json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported: send plain HTTP requests to the sidecar",
+        ));
+    }
+    let limit = cfg.listener.max_body_bytes;
+    let declared = match content_length(req.headers()) {
+        Ok(n) => n,
+        Err(()) => {
+            return local(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "invalid Content-Length header",
+            ));
+        }
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return local(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
+        ));
+    }
+    let (parts, incoming) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match http::Uri::builder()
+        .scheme("https")
+        .authority(plane.authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            return local(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("invalid request target: {e}"),
+            ));
+        }
+    };
+    let idempotency_key = parts.headers.contains_key("idempotency-key");
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove(&cfg.upstream.auth_header);
+    let head = OutgoingHead {
+        method: parts.method,
+        uri,
+        headers,
+        idempotency_key,
+    };
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let deadline = start + cfg.listener.request_deadline;
+    let body = if incoming.is_end_stream() {
+        OutgoingBody::Replayable(Bytes::new())
+    } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY_LIMIT) {
+        let read = tokio::time::timeout_at(deadline, incoming.collect()).await;
+        match read {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                plane.metrics.bytes(bytes.len() as u64, 0);
+                OutgoingBody::Replayable(bytes)
+            }
+            Ok(Err(e)) => {
+                return local(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("reading the request body failed: {e}"),
+                ));
+            }
+            Err(_) => {
+                return local(json_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive before listener.request_deadline",
+                ));
+            }
+        }
+    } else {
+        let limited = LimitedBody {
+            inner: incoming,
+            seen: 0,
+            limit,
+            exceeded: exceeded.clone(),
+            metrics: plane.metrics.clone(),
+        };
+        OutgoingBody::Streaming(limited.boxed_unsync())
+    };
+    match plane.upstream.send(head, body, deadline).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ProxyBody::Relay {
+                    body,
+                    metrics: plane.metrics.clone(),
+                },
+            )
+        }
+        Err(_) if exceeded.load(Ordering::Acquire) => local(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
+        )),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The JSON answer of an upstream failure, with `Retry-After` on 503.
+pub fn error_response(e: &UpstreamError) -> Response<ProxyBody> {
+    let mut resp = json_error(e.status(), e.code(), e.detail());
+    if let Some(secs) = e.retry_after() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    local(resp)
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    let n = first
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or(())?;
+    if values.any(|v| v != first) {
+        return Err(());
+    }
+    Ok(Some(n))
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names, and
+/// `TE` unless it is exactly `trailers`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(header::TE);
+    }
+}
+
+/// A streamed client body that errors once it grows past `listener.max_body_bytes`
+/// (chunked bodies have no length to check up front).
+struct LimitedBody {
+    inner: Incoming,
+    seen: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct BodyTooLarge(u64);
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.seen += d.len() as u64;
+                    this.metrics.bytes(d.len() as u64, 0);
+                    if this.seen > this.limit {
+                        this.exceeded.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn conflicting_content_lengths_are_rejected() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(content_length(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        assert_eq!(content_length(&h), Ok(Some(12)));
+    }
+}

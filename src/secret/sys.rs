@@ -1,0 +1,172 @@
+//! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
+//! limits (core size, locked memory), `mlockall` and the page size. `hardening` calls these;
+//! nothing else in the crate touches libc for them.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once `mlockall` succeeded: freed secure buffers must then be re-locked (see buffer.rs).
+static LOCK_ALL_APPLIED: AtomicBool = AtomicBool::new(false);
+
+/// A resource limit as the kernel reports it; `None` means unlimited (`RLIM_INFINITY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceLimit {
+    /// The limit enforced now.
+    pub soft: Option<u64>,
+    /// The ceiling an unprivileged process may raise `soft` to.
+    pub hard: Option<u64>,
+}
+
+impl ResourceLimit {
+    /// Both limits at `bytes`.
+    pub const fn fixed(bytes: u64) -> Self {
+        Self {
+            soft: Some(bytes),
+            hard: Some(bytes),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Resource {
+    Core,
+    Memlock,
+}
+
+/// `PR_GET_DUMPABLE`: whether the kernel would write a core dump of this process and lets
+/// same-user processes ptrace it or read its `/proc/PID/mem`.
+pub fn is_dumpable() -> io::Result<bool> {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments and only returns the flag.
+    let value = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    if value < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value != 0)
+}
+
+/// `PR_SET_DUMPABLE`: with `false`, no core dump is written and same-user processes can no
+/// longer attach to or read this process's memory (root still can).
+pub fn set_dumpable(dumpable: bool) -> io::Result<()> {
+    let flag = libc::c_ulong::from(dumpable);
+    // SAFETY: PR_SET_DUMPABLE takes an integer flag (0 or 1); no memory is passed.
+    let result = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, flag, 0, 0, 0) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `RLIMIT_CORE`: the largest core file the kernel writes for this process.
+pub fn core_limit() -> io::Result<ResourceLimit> {
+    limit(Resource::Core)
+}
+
+/// Sets `RLIMIT_CORE`; `ResourceLimit::fixed(0)` disables core files for good (an unprivileged
+/// process cannot raise a hard limit again).
+pub fn set_core_limit(limit: ResourceLimit) -> io::Result<()> {
+    set_limit(Resource::Core, limit)
+}
+
+/// `RLIMIT_MEMLOCK`: how many bytes an unprivileged process may lock (mlock, mlockall).
+/// A process with `CAP_IPC_LOCK` in its effective set is not bound by it.
+pub fn memlock_limit() -> io::Result<ResourceLimit> {
+    limit(Resource::Memlock)
+}
+
+/// Sets `RLIMIT_MEMLOCK` (tests use it to provoke lock failures in a child process).
+pub fn set_memlock_limit(limit: ResourceLimit) -> io::Result<()> {
+    set_limit(Resource::Memlock, limit)
+}
+
+/// `mlockall(MCL_CURRENT | MCL_FUTURE)`: lock every present and future mapping of the process.
+pub fn lock_all_memory() -> io::Result<()> {
+    // SAFETY: mlockall takes only flags; it changes page residency, never memory contents.
+    let result = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    LOCK_ALL_APPLIED.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether [`lock_all_memory`] succeeded in this process.
+pub fn is_lock_all_applied() -> bool {
+    LOCK_ALL_APPLIED.load(Ordering::Relaxed)
+}
+
+/// The kernel's page size, the granularity of mlock, mprotect and guard pages.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer name and returns a value; no memory is passed.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).expect("sysconf(_SC_PAGESIZE) is positive on Linux")
+}
+
+fn limit(resource: Resource) -> io::Result<ResourceLimit> {
+    let mut raw = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `raw` is a valid, writable rlimit that outlives the call.
+    let result = unsafe {
+        match resource {
+            Resource::Core => libc::getrlimit(libc::RLIMIT_CORE, &mut raw),
+            Resource::Memlock => libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut raw),
+        }
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ResourceLimit {
+        soft: from_rlim(raw.rlim_cur),
+        hard: from_rlim(raw.rlim_max),
+    })
+}
+
+fn set_limit(resource: Resource, limit: ResourceLimit) -> io::Result<()> {
+    let raw = libc::rlimit {
+        rlim_cur: to_rlim(limit.soft),
+        rlim_max: to_rlim(limit.hard),
+    };
+    // SAFETY: `raw` is a valid rlimit that outlives the call; the kernel only reads it.
+    let result = unsafe {
+        match resource {
+            Resource::Core => libc::setrlimit(libc::RLIMIT_CORE, &raw),
+            Resource::Memlock => libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw),
+        }
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn from_rlim(value: libc::rlim_t) -> Option<u64> {
+    (value != libc::RLIM_INFINITY).then_some(value)
+}
+
+fn to_rlim(value: Option<u64>) -> libc::rlim_t {
+    value.unwrap_or(libc::RLIM_INFINITY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_is_a_power_of_two() {
+        assert!(page_size().is_power_of_two());
+        assert!(page_size() >= 4096);
+    }
+
+    #[test]
+    fn limits_read_back() {
+        let core = core_limit().unwrap();
+        let memlock = memlock_limit().unwrap();
+        if let (Some(soft), Some(hard)) = (core.soft, core.hard) {
+            assert!(soft <= hard);
+        }
+        if let (Some(soft), Some(hard)) = (memlock.soft, memlock.hard) {
+            assert!(soft <= hard);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The rustls client configuration for the relay: verification always on (the public web
+//! roots, or `upstream.ca_file` instead), SNI and certificate name from `server_name`, ALPN
+//! `h2` then `http/1.1`, the aws-lc-rs provider installed explicitly. Key material is read
+//! through `secret`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+use crate::config::UpstreamConfig;
+
+/// Why the TLS client could not be configured. Names the file, never secret content.
+#[derive(Debug)]
+pub struct TlsSetupError(String);
+
+impl fmt::Display for TlsSetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsSetupError {}
+
+/// What dialing needs: the connector and the name to verify.
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: ServerName<'static>,
+    pub config: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for TlsSetup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSetup")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The crypto provider every TLS object of the process uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process-wide default provider (idempotent).
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Builds the client configuration from `[upstream]`.
+///
+/// # Errors
+/// The CA file cannot be read or holds no certificate; the server name is invalid.
+pub fn setup(cfg: &UpstreamConfig) -> Result<TlsSetup, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(TlsSetupError(format!(
+                    "upstream.ca_file: {} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            let (added, ignored) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsSetupError(format!(
+                    "upstream.ca_file: none of the {ignored} certificates in {} could be parsed",
+                    path.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError(format!("TLS provider: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = builder.with_no_client_auth();
+    config.alpn_protocols = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if !cfg.session_resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    let config = Arc::new(config);
+    let server_name = ServerName::try_from(cfg.server_name.clone()).map_err(|_| {
+        TlsSetupError(format!(
+            "upstream.server_name: {:?} is not a valid DNS name or IP address",
+            cfg.server_name
+        ))
+    })?;
+    Ok(TlsSetup {
+        connector: tokio_rustls::TlsConnector::from(config.clone()),
+        server_name,
+        config,
+    })
+}
+
+/// A short, human reason for a failed handshake: the certificate problem when there is one.
+pub fn describe_handshake_error(err: &std::io::Error) -> (bool, String) {
+    if let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return match tls {
+            rustls::Error::InvalidCertificate(c) => (
+                true,
+                format!("relay certificate rejected: {}", certificate_reason(c)),
+            ),
+            other => (false, format!("TLS handshake failed: {other}")),
+        };
+    }
+    (false, format!("TLS handshake failed: {err}"))
+}
+
+fn certificate_reason(e: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        C::UnknownIssuer => "unknown issuer (not signed by a trusted CA)".into(),
+        C::Expired | C::ExpiredContext { .. } => "certificate expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "certificate not valid yet".into(),
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "certificate not valid for the configured server_name".into()
+        }
+        C::Revoked => "certificate revoked".into(),
+        C::BadSignature => "bad signature".into(),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,353 @@
+//! The facade the data plane calls: pick a connection → breaker admit → send → record
+//! latency → report the outcome → retry when it is safe and the budget allows.
+
+pub mod backoff;
+pub mod breaker;
+pub mod connection;
+pub mod pool;
+pub mod retry;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use connection::{AttemptBody, BoxError, ResponseBody};
+use pool::{Outcome, Pool};
+use retry::{RetryBudget, Verdict};
+
+/// Supplies the relay credential for each upstream request (a sensitive header value).
+pub trait CredentialSource: Send + Sync {
+    /// A fresh header value marked sensitive, or `None` when no credential is configured.
+    fn header_value(&self) -> Option<HeaderValue>;
+}
+
+/// What kind of failure an [`UpstreamError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No connection can take a request (breakers open, relay unreachable): 503.
+    Unavailable,
+    /// The relay failed (reset, protocol error, bad certificate): 502.
+    BadGateway,
+    /// No response headers within `pool.request_timeout`: 504.
+    Timeout,
+    /// The client's overall deadline (`listener.request_deadline`) passed: 504.
+    Deadline,
+}
+
+/// A failed forward, classified for the breaker, retries, metrics and the JSON answer.
+#[derive(Debug, Clone)]
+pub struct UpstreamError {
+    kind: ErrorKind,
+    detail: String,
+    never_sent: bool,
+    retry_after: Option<u64>,
+}
+
+impl UpstreamError {
+    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+        UpstreamError {
+            kind: ErrorKind::Unavailable,
+            detail: detail.into(),
+            never_sent: true,
+            retry_after: Some(retry_after_secs),
+        }
+    }
+
+    pub fn bad_gateway(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::BadGateway,
+            detail: detail.into(),
+            never_sent: true,
+            retry_after: None,
+        }
+    }
+
+    /// A connection-level failure; `never_sent` when the relay provably did not see it.
+    pub fn reset(detail: impl Into<String>, never_sent: bool) -> Self {
+        UpstreamError {
+            kind: ErrorKind::BadGateway,
+            detail: detail.into(),
+            never_sent,
+            retry_after: None,
+        }
+    }
+
+    pub fn timeout(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::Timeout,
+            detail: detail.into(),
+            never_sent: false,
+            retry_after: None,
+        }
+    }
+
+    pub fn deadline(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::Deadline,
+            detail: detail.into(),
+            never_sent: false,
+            retry_after: None,
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, ErrorKind::Timeout | ErrorKind::Deadline)
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == ErrorKind::Unavailable
+    }
+
+    /// The relay provably never received the request: any method may be retried.
+    pub fn is_never_sent(&self) -> bool {
+        self.never_sent
+    }
+
+    /// Seconds for `Retry-After`, for 503 answers.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+            ErrorKind::Timeout | ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error` field of the JSON answer.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::Unavailable => "upstream_unavailable",
+            ErrorKind::BadGateway => "upstream_failed",
+            ErrorKind::Timeout => "upstream_timeout",
+            ErrorKind::Deadline => "request_deadline_exceeded",
+        }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code(), self.detail)
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// A request body as the facade receives it.
+pub enum OutgoingBody {
+    /// Small, fully read: can be sent again on retry.
+    Replayable(Bytes),
+    /// Streamed from the client: sent once.
+    Streaming(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+/// The request head to forward, already rewritten by the data plane.
+pub struct OutgoingHead {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
+    /// The request carries an `Idempotency-Key`.
+    pub idempotency_key: bool,
+}
+
+/// Sends requests to the relay through the pool.
+pub struct Upstream {
+    pool: Arc<Pool>,
+    cfg: Arc<Config>,
+    budget: Mutex<RetryBudget>,
+    metrics: Metrics,
+    credential: Option<Arc<dyn CredentialSource>>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    pub fn new(
+        pool: Arc<Pool>,
+        metrics: Metrics,
+        credential: Option<Arc<dyn CredentialSource>>,
+    ) -> Self {
+        let cfg = Arc::new(pool.config().clone());
+        Upstream {
+            budget: Mutex::new(RetryBudget::new(cfg.retry.budget_ratio, Instant::now())),
+            pool,
+            cfg,
+            metrics,
+            credential,
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Forwards one request, retrying on another connection when that is safe.
+    ///
+    /// # Errors
+    /// An [`UpstreamError`] saying why no response could be had.
+    pub async fn send(
+        &self,
+        head: OutgoingHead,
+        body: OutgoingBody,
+        deadline: Instant,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let max_attempts = self.cfg.retry.max_attempts;
+        let idempotent = retry::is_idempotent(&head.method, head.idempotency_key);
+        if let Ok(mut b) = self.budget.lock() {
+            b.record_request(Instant::now());
+        }
+        let (replayable, mut stream) = match body {
+            OutgoingBody::Replayable(b) => (Some(b), None),
+            OutgoingBody::Streaming(s) => (None, Some(s)),
+        };
+        let mut exclude = None;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(UpstreamError::deadline(format!(
+                    "no response within listener.request_deadline ({:?})",
+                    self.cfg.listener.request_deadline
+                )));
+            }
+            let attempt_deadline = (now + self.cfg.pool.request_timeout).min(deadline);
+            let body = match (&replayable, stream.take()) {
+                (Some(b), _) => AttemptBody::Full(Some(b.clone())),
+                (None, Some(s)) => AttemptBody::Stream(s),
+                (None, None) => AttemptBody::empty(),
+            };
+            let result = self
+                .attempt(&head, body, exclude, attempt_deadline, deadline)
+                .await;
+            let (err, slot) = match result {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            let verdict = retry::verdict(
+                attempt,
+                max_attempts,
+                err.is_never_sent(),
+                idempotent,
+                replayable.is_some(),
+            );
+            if verdict != Verdict::Retry || err.is_unavailable() {
+                return Err(err);
+            }
+            let granted = self
+                .budget
+                .lock()
+                .is_ok_and(|mut b| b.try_withdraw(Instant::now()));
+            if !granted {
+                self.metrics.retry_budget_exhausted();
+                return Err(err);
+            }
+            self.metrics.retry(if err.is_never_sent() {
+                "never_sent"
+            } else {
+                "idempotent"
+            });
+            debug!(attempt, error = %err, "retrying on another connection");
+            exclude = slot;
+            // Full jitter, small: the next attempt goes to a different connection anyway.
+            let pause = Duration::from_millis(20).mul_f64(fastrand::f64());
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    /// One attempt on one connection; on failure also says which slot it used.
+    async fn attempt(
+        &self,
+        head: &OutgoingHead,
+        body: AttemptBody,
+        exclude: Option<usize>,
+        attempt_deadline: Instant,
+        deadline: Instant,
+    ) -> Result<Response<ResponseBody>, (UpstreamError, Option<usize>)> {
+        let mut checkout = self
+            .pool
+            .checkout(exclude, attempt_deadline)
+            .await
+            .map_err(|e| (e, None))?;
+        let slot = checkout.slot.index;
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.headers_mut() = head.headers.clone();
+        if let Some(value) = self.credential.as_ref().and_then(|c| c.header_value()) {
+            req.headers_mut()
+                .insert(self.cfg.upstream.auth_header.clone(), value);
+        }
+        let permit = checkout.permit.take();
+        let conn = checkout.conn.clone();
+        let started = Instant::now();
+        let sent = match permit {
+            Some(p) => tokio::time::timeout_at(attempt_deadline, conn.send(req, p)).await,
+            None => Ok(Err(UpstreamError::reset("no request slot", true))),
+        };
+        let elapsed = started.elapsed();
+        match sent {
+            Ok(Ok(resp)) => {
+                let failed = matches!(resp.status().as_u16(), 502..=504);
+                let outcome = if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                self.metrics.attempt(!failed, elapsed);
+                self.pool.finish(checkout, outcome, Some(elapsed));
+                Ok(resp)
+            }
+            Ok(Err(e)) => {
+                self.metrics.attempt(false, elapsed);
+                self.pool.finish(checkout, Outcome::Failure, None);
+                Err((e, Some(slot)))
+            }
+            Err(_) => {
+                self.metrics.attempt(false, elapsed);
+                self.pool.finish(checkout, Outcome::Failure, Some(elapsed));
+                let e = if attempt_deadline >= deadline {
+                    UpstreamError::deadline(format!(
+                        "no response within listener.request_deadline ({:?})",
+                        self.cfg.listener.request_deadline
+                    ))
+                } else {
+                    UpstreamError::timeout(format!(
+                        "no response headers from the relay within pool.request_timeout ({:?})",
+                        self.cfg.pool.request_timeout
+                    ))
+                };
+                Err((e, Some(slot)))
+            }
+        }
+    }
+}
+
+/// An empty response body, for callers that need the type.
+pub fn empty_body() -> ResponseBody {
+    ResponseBody::empty()
+}

@@ -1,0 +1,701 @@
+//! One TLS connection to the relay, HTTP/2 (h2 streams) or HTTP/1.1 (one request at a
+//! time): dialing, sending one request, streaming both bodies, and the per-connection
+//! stats the pool and the admin API read.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::UpstreamError;
+use crate::config::{Config, Endpoint};
+use crate::latency::LatencyWindow;
+use crate::tls::{TlsSetup, describe_handshake_error};
+
+/// Boxed error of body streams.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Wire protocol negotiated by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    H2,
+    Http1,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H2 => "h2",
+            Protocol::Http1 => "http/1.1",
+        }
+    }
+}
+
+/// A request body as one attempt sends it: buffered (replayable on retry) or streamed.
+pub enum AttemptBody {
+    Full(Option<Bytes>),
+    Stream(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl AttemptBody {
+    pub fn empty() -> Self {
+        AttemptBody::Full(None)
+    }
+}
+
+impl Body for AttemptBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            AttemptBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            AttemptBody::Stream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AttemptBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            AttemptBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AttemptBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            AttemptBody::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// Counters of one connection, read by the pool, the ejector and the admin API.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Last PING round trip in microseconds; `u64::MAX` before the first.
+    pub ping_rtt_us: AtomicU64,
+}
+
+enum Sender {
+    H2(h2::client::SendRequest<Bytes>),
+    Http1(std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<AttemptBody>>>),
+}
+
+/// One live TLS connection. Dropped (and so closed gracefully) once the pool has replaced
+/// it and its last request has finished.
+pub struct Connection {
+    pub protocol: Protocol,
+    pub connected_at: SystemTime,
+    pub connected_instant: Instant,
+    /// Distinguishes successive connections of one slot.
+    pub generation: u64,
+    pub stats: ConnectionStats,
+    pub latency: LatencyWindow,
+    sender: Sender,
+    permits: Arc<Semaphore>,
+    closed: AtomicBool,
+    draining: AtomicBool,
+    closed_notify: Notify,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("protocol", &self.protocol)
+            .field("generation", &self.generation)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a dial failed.
+#[derive(Debug, Clone)]
+pub struct DialError {
+    pub detail: String,
+    /// The relay's certificate did not verify (a configuration or identity problem).
+    pub certificate: bool,
+    pub timeout: bool,
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl Connection {
+    /// Whether the connection has ended (its driver finished or a PING went unanswered).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Stops new requests; in-flight ones finish, then the connection closes.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    fn mark_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.closed_notify.notify_waiters();
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.closed_notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Free request slots now (h2 streams, or 1/0 for HTTP/1.1).
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Takes a request slot without waiting.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Last PING round trip.
+    pub fn ping_rtt(&self) -> Option<Duration> {
+        match self.stats.ping_rtt_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Sends one request. The caller has reserved a slot (`permit`), which the returned
+    /// body holds until it ends so an HTTP/1.1 connection takes one request at a time.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<AttemptBody>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let guard = InFlight::new(self.clone(), permit);
+        let mut req = req;
+        self.prepare(&mut req);
+        match &self.sender {
+            Sender::H2(sender) => self.send_h2(sender.clone(), req, guard).await,
+            Sender::Http1(slot) => {
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                let Some(mut sender) = taken else {
+                    return Err(UpstreamError::reset(
+                        "HTTP/1.1 connection busy or closed",
+                        true,
+                    ));
+                };
+                let result = self.send_h1(&mut sender, req, guard).await;
+                if let Ok(mut s) = slot.lock() {
+                    *s = Some(sender);
+                }
+                result
+            }
+        }
+    }
+
+    /// Fits the request to the wire protocol: HTTP/2 carries the authority in the URI
+    /// (`:authority`) and no `Host`; HTTP/1.1 sends origin-form with a `Host` header.
+    fn prepare(&self, req: &mut Request<AttemptBody>) {
+        match self.protocol {
+            Protocol::H2 => {
+                *req.version_mut() = http::Version::HTTP_2;
+                req.headers_mut().remove(http::header::HOST);
+            }
+            Protocol::Http1 => {
+                *req.version_mut() = http::Version::HTTP_11;
+                if let Some(authority) = req.uri().authority().cloned()
+                    && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+                {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+                let origin = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .map(http::Uri::from)
+                    .unwrap_or_else(|| http::Uri::from_static("/"));
+                *req.uri_mut() = origin;
+            }
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        sender: &mut hyper::client::conn::http1::SendRequest<AttemptBody>,
+        req: Request<AttemptBody>,
+        guard: InFlight,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        if sender.ready().await.is_err() {
+            self.mark_closed();
+            return Err(UpstreamError::reset("relay closed the connection", true));
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::new(Inner::Http1(body), guard),
+                ))
+            }
+            Err(mut e) => {
+                let never_sent = e.take_message().is_some();
+                let err = e.into_error();
+                if err.is_closed() || err.is_incomplete_message() || err.is_canceled() {
+                    self.mark_closed();
+                }
+                Err(UpstreamError::reset(
+                    format!("relay connection failed: {err}"),
+                    never_sent,
+                ))
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        sender: h2::client::SendRequest<Bytes>,
+        req: Request<AttemptBody>,
+        guard: InFlight,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
+        let mut sender = match sender.ready().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.mark_closed();
+                return Err(h2_error(&e, true));
+            }
+        };
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, stream) = sender
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(|e| h2_error(&e, true))?;
+        if !end {
+            let counter = guard.conn.clone();
+            tokio::spawn(pump_body(body, stream, counter));
+        }
+        let resp = response.await.map_err(|e| h2_error(&e, false))?;
+        let (parts, recv) = resp.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::new(
+                Inner::H2 {
+                    recv,
+                    data_done: false,
+                },
+                guard,
+            ),
+        ))
+    }
+}
+
+/// Classifies an h2 error; `before_send` when no frame of the request was written.
+fn h2_error(e: &h2::Error, before_send: bool) -> UpstreamError {
+    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    // A remote GOAWAY fails only the streams above its last-stream-id: never processed.
+    let above_goaway = e.is_go_away() && e.is_remote();
+    UpstreamError::reset(
+        format!("relay stream failed: {e}"),
+        before_send || refused || above_goaway,
+    )
+}
+
+/// Streams a request body into an h2 stream, respecting flow control.
+async fn pump_body(
+    mut body: AttemptBody,
+    mut stream: h2::SendStream<Bytes>,
+    conn: Arc<Connection>,
+) {
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(f)) => f,
+            Some(Err(_)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    stream.reserve_capacity(data.len());
+                    let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await;
+                    match granted {
+                        Some(Ok(n)) if n > 0 => {
+                            let chunk = data.split_to(n.min(data.len()));
+                            conn.stats
+                                .bytes_sent
+                                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                            if stream.send_data(chunk, false).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => continue,
+                        _ => return,
+                    }
+                }
+                continue;
+            }
+            Err(f) => f,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let _ = stream.send_trailers(trailers);
+            return;
+        }
+    }
+}
+
+/// Holds a request slot and the in-flight count until the response body ends.
+struct InFlight {
+    conn: Arc<Connection>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    fn new(conn: Arc<Connection>, permit: OwnedSemaphorePermit) -> Self {
+        conn.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        conn.stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            conn,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Inner {
+    Http1(hyper::body::Incoming),
+    H2 {
+        recv: h2::RecvStream,
+        data_done: bool,
+    },
+    Done,
+}
+
+/// The relay's response body, streamed to the client. Releases the connection's request
+/// slot as soon as it ends (or is dropped).
+pub struct ResponseBody {
+    inner: Inner,
+    guard: Option<InFlight>,
+}
+
+impl ResponseBody {
+    fn new(inner: Inner, guard: InFlight) -> Self {
+        ResponseBody {
+            inner,
+            guard: Some(guard),
+        }
+    }
+
+    /// An empty body that holds nothing (for synthesized answers).
+    pub fn empty() -> Self {
+        ResponseBody {
+            inner: Inner::Done,
+            guard: None,
+        }
+    }
+
+    fn count(&self, n: usize) {
+        if let Some(g) = &self.guard {
+            g.conn
+                .stats
+                .bytes_received
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.inner = Inner::Done;
+        self.guard = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.inner {
+            Inner::Done => None,
+            Inner::Http1(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+            Inner::H2 { recv, data_done } => {
+                if !*data_done {
+                    match ready!(recv.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                            Some(Ok(Frame::data(data)))
+                        }
+                        Some(Err(e)) => Some(Err(BoxError::from(e))),
+                        None => {
+                            *data_done = true;
+                            match ready!(recv.poll_trailers(cx)) {
+                                Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                                Ok(None) => None,
+                                Err(e) => Some(Err(BoxError::from(e))),
+                            }
+                        }
+                    }
+                } else {
+                    match ready!(recv.poll_trailers(cx)) {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(BoxError::from(e))),
+                    }
+                }
+            }
+        };
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.count(d.len());
+                }
+            }
+            Some(Err(_)) | None => this.finish(),
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Done => true,
+            Inner::Http1(b) => b.is_end_stream(),
+            Inner::H2 { recv, .. } => recv.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Http1(b) => b.size_hint(),
+            Inner::Done => SizeHint::with_exact(0),
+            Inner::H2 { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Opens one connection: TCP (connect timeout) → TLS (handshake timeout, verification on,
+/// ALPN) → HTTP/2 or HTTP/1.1 handshake. Spawns the connection driver and, for h2, the
+/// PING task.
+pub async fn dial(
+    cfg: &Config,
+    tls: &TlsSetup,
+    generation: u64,
+) -> Result<Arc<Connection>, DialError> {
+    let pool = &cfg.pool;
+    let tcp = tokio::time::timeout(pool.connect_timeout, connect_tcp(&cfg.upstream.endpoint))
+        .await
+        .map_err(|_| DialError {
+            detail: format!(
+                "connect to {} timed out after {:?} (pool.connect_timeout)",
+                cfg.upstream.endpoint, pool.connect_timeout
+            ),
+            certificate: false,
+            timeout: true,
+        })??;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio::time::timeout(
+        pool.tls_handshake_timeout,
+        tls.connector.connect(tls.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| DialError {
+        detail: format!(
+            "TLS handshake with {} timed out after {:?} (pool.tls_handshake_timeout)",
+            cfg.upstream.endpoint, pool.tls_handshake_timeout
+        ),
+        certificate: false,
+        timeout: true,
+    })?
+    .map_err(|e| {
+        let (certificate, detail) = describe_handshake_error(&e);
+        DialError {
+            detail,
+            certificate,
+            timeout: false,
+        }
+    })?;
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::H2,
+        _ => Protocol::Http1,
+    };
+    let handshake_failed = |e: &dyn std::fmt::Display| DialError {
+        detail: format!("{} handshake with the relay failed: {e}", protocol.as_str()),
+        certificate: false,
+        timeout: false,
+    };
+    let max_streams = pool.max_streams_per_connection.get();
+    match protocol {
+        Protocol::H2 => {
+            let (sender, mut connection) = h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .max_frame_size(64 * 1024)
+                .handshake::<_, Bytes>(stream)
+                .await
+                .map_err(|e| handshake_failed(&e))?;
+            let ping = connection.ping_pong();
+            let conn = Arc::new(Connection::new(
+                protocol,
+                generation,
+                Sender::H2(sender),
+                max_streams,
+            ));
+            let weak = Arc::downgrade(&conn);
+            tokio::spawn(async move {
+                let _ = connection.await;
+                if let Some(c) = weak.upgrade() {
+                    c.mark_closed();
+                }
+            });
+            if let Some(ping) = ping {
+                tokio::spawn(ping_loop(Arc::downgrade(&conn), ping, pool.ping_interval));
+            }
+            Ok(conn)
+        }
+        Protocol::Http1 => {
+            let (sender, connection) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, AttemptBody>(TokioIo::new(stream))
+                .await
+                .map_err(|e| handshake_failed(&e))?;
+            let conn = Arc::new(Connection::new(
+                protocol,
+                generation,
+                Sender::Http1(std::sync::Mutex::new(Some(sender))),
+                1,
+            ));
+            let weak = Arc::downgrade(&conn);
+            tokio::spawn(async move {
+                let _ = connection.await;
+                if let Some(c) = weak.upgrade() {
+                    c.mark_closed();
+                }
+            });
+            Ok(conn)
+        }
+    }
+}
+
+impl Connection {
+    fn new(protocol: Protocol, generation: u64, sender: Sender, permits: usize) -> Self {
+        let stats = ConnectionStats::default();
+        stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
+        Connection {
+            protocol,
+            connected_at: SystemTime::now(),
+            connected_instant: Instant::now(),
+            generation,
+            stats,
+            latency: LatencyWindow::new(),
+            sender,
+            permits: Arc::new(Semaphore::new(permits)),
+            closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            closed_notify: Notify::new(),
+        }
+    }
+}
+
+async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream, DialError> {
+    let addrs = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|e| DialError {
+            detail: format!("cannot resolve {}: {e}", endpoint.host),
+            certificate: false,
+            timeout: false,
+        })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(format!("connect to {addr} failed: {e}")),
+        }
+    }
+    Err(DialError {
+        detail: last.unwrap_or_else(|| format!("{} resolved to no address", endpoint.host)),
+        certificate: false,
+        timeout: false,
+    })
+}
+
+/// PINGs an HTTP/2 connection while it is idle and keeps the round trip; an unanswered
+/// PING marks the connection closed so the pool re-dials it.
+async fn ping_loop(conn: std::sync::Weak<Connection>, mut ping: h2::PingPong, every: Duration) {
+    let mut first = true;
+    loop {
+        let wait = if first {
+            Duration::from_millis(200).min(every)
+        } else {
+            every
+        };
+        first = false;
+        tokio::time::sleep(wait).await;
+        let Some(c) = conn.upgrade() else { return };
+        if c.is_closed() {
+            return;
+        }
+        let busy = c.stats.in_flight.load(Ordering::Relaxed) > 0;
+        drop(c);
+        if busy {
+            continue;
+        }
+        let start = Instant::now();
+        let answered = tokio::time::timeout(
+            every.max(Duration::from_secs(1)),
+            ping.ping(h2::Ping::opaque()),
+        )
+        .await;
+        let Some(c) = conn.upgrade() else { return };
+        match answered {
+            Ok(Ok(_)) => {
+                let rtt = start.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64;
+                c.stats.ping_rtt_us.store(rtt, Ordering::Relaxed);
+            }
+            Ok(Err(_)) | Err(_) => {
+                c.mark_closed();
+                return;
+            }
+        }
+    }
+}

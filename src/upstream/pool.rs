@@ -1,0 +1,800 @@
+//! The warm set of relay connections: one supervisor per slot dials at start, re-dials with
+//! jittered backoff when the connection drops, rotates it after a jittered
+//! `max_connection_age`, and replaces it when the ejector finds it slow. Requests pick the
+//! usable connection with the fewest requests in flight (ties: lower EWMA latency).
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::UpstreamError;
+use super::backoff::Backoff;
+use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
+use super::connection::{Connection, DialError, dial};
+use crate::config::Config;
+use crate::latency::Histogram;
+use crate::metrics::Metrics;
+use crate::tls::TlsSetup;
+
+/// What a slot is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SlotState {
+    Connecting = 0,
+    Connected = 1,
+    Backoff = 2,
+    Draining = 3,
+}
+
+impl SlotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Connecting => "connecting",
+            SlotState::Connected => "connected",
+            SlotState::Backoff => "backoff",
+            SlotState::Draining => "draining",
+        }
+    }
+
+    fn from_u8(v: u8) -> SlotState {
+        match v {
+            1 => SlotState::Connected,
+            2 => SlotState::Backoff,
+            3 => SlotState::Draining,
+            _ => SlotState::Connecting,
+        }
+    }
+
+    pub const ALL: [SlotState; 4] = [
+        SlotState::Connecting,
+        SlotState::Connected,
+        SlotState::Backoff,
+        SlotState::Draining,
+    ];
+}
+
+/// One position of the pool; its connection is replaced over time, its id stays.
+#[derive(Debug)]
+pub struct Slot {
+    pub index: usize,
+    current: Mutex<Option<Arc<Connection>>>,
+    state: AtomicU8,
+    breaker: Mutex<Breaker>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+    /// Unix time in ms of the last request start or end; 0 = never.
+    last_activity_ms: AtomicU64,
+    next_dial: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<DialError>>,
+    eject: Notify,
+}
+
+impl Slot {
+    fn new(index: usize, breaker: Breaker) -> Self {
+        Slot {
+            index,
+            current: Mutex::new(None),
+            state: AtomicU8::new(SlotState::Connecting as u8),
+            breaker: Mutex::new(breaker),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            next_dial: Mutex::new(None),
+            last_error: Mutex::new(None),
+            eject: Notify::new(),
+        }
+    }
+
+    /// The slot's 1-based, stable connection id.
+    pub fn id(&self) -> u64 {
+        self.index as u64 + 1
+    }
+
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    fn set_state(&self, s: SlotState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// The live connection, if any.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn touch(&self) {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn with_breaker<R>(&self, f: impl FnOnce(&mut Breaker) -> R) -> R {
+        let mut guard = match self.breaker.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    fn usable_connection(&self) -> Option<Arc<Connection>> {
+        self.connection()
+            .filter(|c| !c.is_closed() && !c.is_draining())
+    }
+}
+
+/// A granted request slot on one connection. Report the outcome with [`Pool::finish`];
+/// dropping it unreported gives a half-open probe back.
+pub struct Checkout {
+    pub slot: Arc<Slot>,
+    pub conn: Arc<Connection>,
+    pub permit: Option<OwnedSemaphorePermit>,
+    admission: Option<Admission>,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(a) = self.admission.take() {
+            self.slot.with_breaker(|b| b.release(a));
+        }
+    }
+}
+
+/// How one attempt ended, for the breaker and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// Why no connection could be had right now.
+struct Unavailable {
+    /// Some connection may free up soon (busy HTTP/1.1, or a dial in progress).
+    can_wait: bool,
+}
+
+/// Point-in-time view of one slot for the admin API.
+#[derive(Debug, Clone)]
+pub struct SlotSnapshot {
+    pub id: u64,
+    pub index: usize,
+    pub state: SlotState,
+    pub protocol: Option<&'static str>,
+    pub connected_since: Option<SystemTime>,
+    pub last_activity: Option<SystemTime>,
+    pub in_flight: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    pub histogram: Histogram,
+    pub ewma_ms: f64,
+    pub ping_rtt: Option<Duration>,
+    pub is_healthy: bool,
+    pub breaker: BreakerState,
+    pub trip_reason: Option<TripReason>,
+    pub time_in_state: Duration,
+    pub transitions: u64,
+    pub last_transition: Option<SystemTime>,
+    pub retry_after: Option<Duration>,
+    pub capacity: usize,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub last_error: Option<String>,
+}
+
+/// The warm connection pool.
+pub struct Pool {
+    cfg: Arc<Config>,
+    tls: TlsSetup,
+    slots: Vec<Arc<Slot>>,
+    changed: Arc<Notify>,
+    metrics: Metrics,
+    origin: Instant,
+    origin_wall: SystemTime,
+    generation: AtomicU64,
+    closed_bytes: (AtomicU64, AtomicU64),
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("slots", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub fn new(cfg: Arc<Config>, tls: TlsSetup, metrics: Metrics) -> Arc<Pool> {
+        let now = Instant::now();
+        let slots = (0..cfg.pool.size.get())
+            .map(|i| Arc::new(Slot::new(i, Breaker::new(cfg.breaker.clone(), now))))
+            .collect();
+        Arc::new(Pool {
+            cfg,
+            tls,
+            slots,
+            changed: Arc::new(Notify::new()),
+            metrics,
+            origin: now,
+            origin_wall: SystemTime::now(),
+            generation: AtomicU64::new(0),
+            closed_bytes: (AtomicU64::new(0), AtomicU64::new(0)),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    /// Milliseconds since the pool started: the latency windows' clock.
+    pub fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_millis() as u64
+    }
+
+    /// Starts one supervisor per slot and the slow-connection ejector; they end on shutdown.
+    pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+        for slot in &self.slots {
+            let pool = Arc::downgrade(self);
+            let slot = slot.clone();
+            let shutdown = shutdown.clone();
+            let span = info_span!("pool_slot", connection_id = slot.id());
+            tokio::spawn(supervise(pool, slot, shutdown).instrument(span));
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(eject_slow(pool, shutdown).instrument(info_span!("pool_ejector")));
+    }
+
+    /// Whether any connection can take a request now (readiness).
+    pub fn is_ready(&self) -> bool {
+        let now = Instant::now();
+        self.slots.iter().any(|s| {
+            s.usable_connection().is_some()
+                && s.with_breaker(|b| b.state(now) != BreakerState::Open)
+        })
+    }
+
+    /// Connections that are connected and whose breaker lets traffic through.
+    pub fn active_connections(&self) -> usize {
+        let now = Instant::now();
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.usable_connection().is_some()
+                    && s.with_breaker(|b| b.state(now) != BreakerState::Open)
+            })
+            .count()
+    }
+
+    fn try_checkout(&self, exclude: Option<usize>) -> Result<Checkout, Unavailable> {
+        let now = Instant::now();
+        let mut can_wait = false;
+        for _pass in 0..3 {
+            let mut best: Option<(u64, f64, &Arc<Slot>, Arc<Connection>)> = None;
+            for slot in &self.slots {
+                if Some(slot.index) == exclude && self.slots.len() > 1 {
+                    continue;
+                }
+                let Some(conn) = slot.usable_connection() else {
+                    if slot.state() == SlotState::Connecting
+                        && slot.with_breaker(|b| b.would_admit(now))
+                    {
+                        can_wait = true;
+                    }
+                    continue;
+                };
+                if !slot.with_breaker(|b| b.would_admit(now)) {
+                    continue;
+                }
+                if conn.available() == 0 {
+                    can_wait = true;
+                    continue;
+                }
+                let load = conn.stats.in_flight.load(Ordering::Relaxed);
+                let ewma = conn.latency.ewma_ms();
+                let better = match &best {
+                    None => true,
+                    Some((l, e, _, _)) => load < *l || (load == *l && ewma < *e),
+                };
+                if better {
+                    best = Some((load, ewma, slot, conn));
+                }
+            }
+            let Some((_, _, slot, conn)) = best else {
+                return Err(Unavailable { can_wait });
+            };
+            let Some((admission, transition)) = slot.with_breaker(|b| b.admit(now)) else {
+                continue;
+            };
+            if let Some(t) = transition {
+                self.on_transition(slot, t);
+            }
+            match conn.try_reserve() {
+                Some(permit) => {
+                    slot.requests.fetch_add(1, Ordering::Relaxed);
+                    slot.touch();
+                    return Ok(Checkout {
+                        slot: slot.clone(),
+                        conn,
+                        permit: Some(permit),
+                        admission: Some(admission),
+                    });
+                }
+                None => slot.with_breaker(|b| b.release(admission)),
+            }
+        }
+        Err(Unavailable { can_wait: true })
+    }
+
+    /// A request slot on the best usable connection other than `exclude`; waits (until
+    /// `deadline`) only when one may free up soon, otherwise fails fast.
+    pub async fn checkout(
+        &self,
+        exclude: Option<usize>,
+        deadline: Instant,
+    ) -> Result<Checkout, UpstreamError> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_checkout(exclude) {
+                Ok(c) => return Ok(c),
+                Err(u) if u.can_wait => {}
+                Err(_) => return Err(self.unavailable()),
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(UpstreamError::timeout(
+                    "no relay connection became free within pool.request_timeout",
+                ));
+            }
+        }
+    }
+
+    /// The fail-fast error: 502 naming a certificate problem, else 503 with Retry-After.
+    fn unavailable(&self) -> UpstreamError {
+        let now = Instant::now();
+        let mut retry_after: Option<Duration> = None;
+        let mut certificate = None;
+        let mut last = None;
+        for slot in &self.slots {
+            let wait = slot.with_breaker(|b| b.retry_after(now)).or_else(|| {
+                slot.next_dial
+                    .lock()
+                    .ok()
+                    .and_then(|n| *n)
+                    .map(|t| t.saturating_duration_since(now))
+            });
+            if let Some(w) = wait {
+                retry_after = Some(retry_after.map_or(w, |r: Duration| r.min(w)));
+            }
+            if let Some(e) = slot.last_error.lock().ok().and_then(|e| e.clone()) {
+                if e.certificate {
+                    certificate = Some(e.detail.clone());
+                }
+                last = Some(e.detail);
+            }
+        }
+        if let Some(detail) = certificate {
+            return UpstreamError::bad_gateway(detail);
+        }
+        let secs = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+        let detail = match last {
+            Some(e) => format!(
+                "no usable relay connection (all circuit breakers open or disconnected); last error: {e}"
+            ),
+            None => "no usable relay connection (all circuit breakers open or disconnected)".into(),
+        };
+        UpstreamError::unavailable(detail, secs)
+    }
+
+    /// Reports how an attempt ended: latency (time to response headers), breaker, counters.
+    pub fn finish(&self, mut checkout: Checkout, outcome: Outcome, latency: Option<Duration>) {
+        let now = Instant::now();
+        let slot = checkout.slot.clone();
+        if let Some(l) = latency {
+            checkout.conn.latency.record(self.now_ms(), l);
+        }
+        if outcome == Outcome::Failure {
+            slot.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        slot.touch();
+        if let Some(admission) = checkout.admission.take() {
+            let t = slot.with_breaker(|b| match outcome {
+                Outcome::Success => b.on_success(admission, now),
+                Outcome::Failure => b.on_failure(admission, now),
+            });
+            if let Some(t) = t {
+                self.on_transition(&slot, t);
+            }
+        }
+    }
+
+    fn on_transition(&self, slot: &Slot, t: Transition) {
+        let reason = t.reason.map(TripReason::as_str);
+        match t.to {
+            BreakerState::Open => warn!(
+                connection_id = slot.id(),
+                from = t.from.as_str(),
+                reason = reason.unwrap_or("-"),
+                "circuit breaker opened"
+            ),
+            _ => info!(
+                connection_id = slot.id(),
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                "circuit breaker transition"
+            ),
+        }
+        self.metrics.breaker_transition(t.to, t.reason);
+        self.changed.notify_waiters();
+    }
+
+    /// Point-in-time view of every slot.
+    pub fn snapshot(&self) -> Vec<SlotSnapshot> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let now_ms = self.now_ms();
+        let to_wall = |i: Instant| wall.checked_sub(now.saturating_duration_since(i));
+        self.slots
+            .iter()
+            .map(|slot| {
+                let conn = slot.connection();
+                let usable = slot.usable_connection().is_some();
+                let (state, reason, in_state, transitions, last, retry_after) =
+                    slot.with_breaker(|b| {
+                        (
+                            b.state(now),
+                            b.trip_reason(),
+                            b.time_in_state(now),
+                            b.transitions(),
+                            b.last_transition(),
+                            b.retry_after(now),
+                        )
+                    });
+                let activity = slot.last_activity_ms.load(Ordering::Relaxed);
+                SlotSnapshot {
+                    id: slot.id(),
+                    index: slot.index,
+                    state: slot.state(),
+                    protocol: conn
+                        .as_ref()
+                        .filter(|c| !c.is_closed())
+                        .map(|c| c.protocol.as_str()),
+                    connected_since: conn
+                        .as_ref()
+                        .filter(|c| !c.is_closed())
+                        .map(|c| c.connected_at),
+                    last_activity: (activity > 0)
+                        .then(|| UNIX_EPOCH + Duration::from_millis(activity)),
+                    in_flight: conn
+                        .as_ref()
+                        .map_or(0, |c| c.stats.in_flight.load(Ordering::Relaxed)),
+                    requests: slot.requests.load(Ordering::Relaxed),
+                    errors: slot.errors.load(Ordering::Relaxed),
+                    reconnects: slot.reconnects.load(Ordering::Relaxed),
+                    histogram: conn
+                        .as_ref()
+                        .map(|c| c.latency.histogram(now_ms))
+                        .unwrap_or_default(),
+                    ewma_ms: conn.as_ref().map_or(0.0, |c| c.latency.ewma_ms()),
+                    ping_rtt: conn.as_ref().and_then(|c| c.ping_rtt()),
+                    is_healthy: usable && state != BreakerState::Open,
+                    breaker: state,
+                    trip_reason: reason,
+                    time_in_state: in_state,
+                    transitions,
+                    last_transition: last.and_then(to_wall),
+                    retry_after,
+                    capacity: match conn.as_ref() {
+                        Some(c) if !c.is_closed() => match c.protocol {
+                            super::connection::Protocol::H2 => {
+                                self.cfg.pool.max_streams_per_connection.get()
+                            }
+                            super::connection::Protocol::Http1 => 1,
+                        },
+                        _ => 0,
+                    },
+                    bytes_sent: conn
+                        .as_ref()
+                        .map_or(0, |c| c.stats.bytes_sent.load(Ordering::Relaxed)),
+                    bytes_received: conn
+                        .as_ref()
+                        .map_or(0, |c| c.stats.bytes_received.load(Ordering::Relaxed)),
+                    last_error: slot
+                        .last_error
+                        .lock()
+                        .ok()
+                        .and_then(|e| e.as_ref().map(|e| e.detail.clone())),
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes carried by connections that have since closed (for lifetime totals).
+    pub fn closed_bytes(&self) -> (u64, u64) {
+        (
+            self.closed_bytes.0.load(Ordering::Relaxed),
+            self.closed_bytes.1.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Wall-clock start of the pool.
+    pub fn started_at(&self) -> SystemTime {
+        self.origin_wall
+    }
+
+    /// Graceful close at shutdown: no new requests, in-flight ones finish (until
+    /// `deadline`), then every connection is dropped, which sends HTTP/2 GOAWAY.
+    pub async fn close(&self, deadline: Instant) {
+        for slot in &self.slots {
+            slot.set_state(SlotState::Draining);
+            if let Some(c) = slot.connection() {
+                c.start_draining();
+            }
+        }
+        loop {
+            let busy: u64 = self
+                .slots
+                .iter()
+                .filter_map(|s| s.connection())
+                .map(|c| c.stats.in_flight.load(Ordering::Relaxed))
+                .sum();
+            if busy == 0 || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for slot in &self.slots {
+            if let Ok(mut c) = slot.current.lock() {
+                c.take();
+            }
+        }
+    }
+
+    /// Replaces every connection gracefully (new ones dialed first, old ones drain), e.g.
+    /// after the relay token changed so no buffer of an old connection keeps the old token.
+    pub fn rotate_all(&self) {
+        for slot in &self.slots {
+            slot.eject.notify_one();
+        }
+    }
+
+    fn install(&self, slot: &Slot, conn: Arc<Connection>) {
+        let old = slot.current.lock().ok().and_then(|mut c| c.replace(conn));
+        if let Some(old) = old {
+            old.start_draining();
+            self.closed_bytes.0.fetch_add(
+                old.stats.bytes_sent.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            self.closed_bytes.1.fetch_add(
+                old.stats.bytes_received.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+        slot.set_state(SlotState::Connected);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Keeps one slot connected for the life of the pool.
+async fn supervise(
+    pool: std::sync::Weak<Pool>,
+    slot: Arc<Slot>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(p) = pool.upgrade() else { return };
+    let mut backoff = Backoff::new(
+        p.cfg.pool.reconnect_backoff_initial,
+        p.cfg.pool.reconnect_backoff_max,
+    );
+    drop(p);
+    let mut ever_connected = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let Some(p) = pool.upgrade() else { return };
+        if slot.usable_connection().is_none() {
+            slot.set_state(SlotState::Connecting);
+        }
+        let generation = p.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let dialed = tokio::select! {
+            d = dial(&p.cfg, &p.tls, generation) => d,
+            _ = shutdown.changed() => return,
+        };
+        let delay = match dialed {
+            Ok(conn) => {
+                p.metrics.tls_handshake(None);
+                backoff.reset();
+                if ever_connected {
+                    slot.reconnects.fetch_add(1, Ordering::Relaxed);
+                    p.metrics.reconnect();
+                }
+                ever_connected = true;
+                if let Ok(mut e) = slot.last_error.lock() {
+                    *e = None;
+                }
+                if let Ok(mut n) = slot.next_dial.lock() {
+                    *n = None;
+                }
+                let reset = slot.with_breaker(|b| {
+                    if b.trip_reason() == Some(TripReason::ConnectFailure) {
+                        b.reset(Instant::now())
+                    } else {
+                        None
+                    }
+                });
+                if let Some(t) = reset {
+                    p.on_transition(&slot, t);
+                }
+                debug!(
+                    protocol = conn.protocol.as_str(),
+                    generation, "connected to relay"
+                );
+                p.install(&slot, conn.clone());
+                let age = p
+                    .cfg
+                    .pool
+                    .max_connection_age
+                    .mul_f64(0.8 + 0.2 * fastrand::f64());
+                drop(p);
+                tokio::select! {
+                    _ = conn.closed() => {
+                        info!("relay connection closed; re-dialing");
+                        if let Some(p) = pool.upgrade() {
+                            p.changed.notify_waiters();
+                        }
+                        Some(backoff.next_delay())
+                    }
+                    _ = tokio::time::sleep(age) => {
+                        info!(age_secs = age.as_secs(), "rotating relay connection");
+                        None
+                    }
+                    _ = slot.eject.notified() => {
+                        info!("ejecting slow relay connection");
+                        None
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "dial to relay failed");
+                p.metrics.tls_handshake(Some(if e.certificate {
+                    "certificate"
+                } else if e.timeout {
+                    "timeout"
+                } else {
+                    "connect"
+                }));
+                slot.errors.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                let t = slot.with_breaker(|b| b.on_connect_failure(now));
+                if let Some(t) = t {
+                    p.on_transition(&slot, t);
+                }
+                if let Ok(mut last) = slot.last_error.lock() {
+                    *last = Some(e);
+                }
+                // The dead connection (if any) can serve nothing: clear it.
+                if slot.connection().is_some_and(|c| c.is_closed())
+                    && let Ok(mut c) = slot.current.lock()
+                {
+                    c.take();
+                }
+                p.changed.notify_waiters();
+                Some(backoff.next_delay())
+            }
+        };
+        if let Some(delay) = delay {
+            if slot.usable_connection().is_none() {
+                slot.set_state(SlotState::Backoff);
+                if let Ok(mut c) = slot.current.lock()
+                    && c.as_ref().is_some_and(|c| c.is_closed())
+                {
+                    c.take();
+                }
+            }
+            if let Ok(mut n) = slot.next_dial.lock() {
+                *n = Some(Instant::now() + delay);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Every second: a connection whose p95 over the window exceeds `slow_ejection_ratio` times
+/// the median p95 of the other connections (each with at least `breaker.min_requests`
+/// samples, and at least 5 ms above that median) is replaced.
+async fn eject_slow(pool: std::sync::Weak<Pool>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(p) = pool.upgrade() else { return };
+        let now_ms = p.now_ms();
+        let min = p.cfg.breaker.min_requests as u64;
+        let measured: Vec<(usize, f64)> = p
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let c = s.usable_connection()?;
+                let h = c.latency.histogram(now_ms);
+                (h.count() >= min).then(|| (s.index, h.quantile_ms(0.95)))
+            })
+            .collect();
+        if let Some(index) = slow_outlier(&measured, p.cfg.pool.slow_ejection_ratio) {
+            let slot = &p.slots[index];
+            warn!(
+                connection_id = slot.id(),
+                "relay connection is a latency outlier; ejecting"
+            );
+            p.metrics.slow_ejection();
+            slot.eject.notify_one();
+        }
+    }
+}
+
+/// The index of the worst connection if its p95 is `ratio` times the median of the others.
+pub fn slow_outlier(measured: &[(usize, f64)], ratio: f64) -> Option<usize> {
+    if measured.len() < 2 {
+        return None;
+    }
+    let (worst_pos, &(index, worst)) = measured
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.1.total_cmp(&b.1.1))?;
+    let mut others: Vec<f64> = measured
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != worst_pos)
+        .map(|(_, m)| m.1)
+        .collect();
+    others.sort_by(f64::total_cmp);
+    let median = if others.len() % 2 == 1 {
+        others[others.len() / 2]
+    } else {
+        (others[others.len() / 2 - 1] + others[others.len() / 2]) / 2.0
+    };
+    (worst > ratio * median && worst - median >= 5.0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slow_outlier;
+
+    #[test]
+    fn a_connection_three_times_the_median_is_an_outlier() {
+        let m = [(0, 10.0), (1, 12.0), (2, 11.0), (3, 80.0)];
+        assert_eq!(slow_outlier(&m, 3.0), Some(3));
+    }
+
+    #[test]
+    fn uniform_latency_has_no_outlier() {
+        let m = [(0, 10.0), (1, 12.0), (2, 14.0), (3, 25.0)];
+        assert_eq!(slow_outlier(&m, 3.0), None);
+        assert_eq!(slow_outlier(&[(0, 500.0)], 3.0), None);
+    }
+
+    #[test]
+    fn sub_millisecond_noise_is_not_ejected() {
+        let m = [(0, 0.2), (1, 0.25), (2, 1.5)];
+        assert_eq!(slow_outlier(&m, 3.0), None);
+    }
+}
