@@ -85,7 +85,14 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.listener.header_read_timeout)
-        .max_buf_size(cfg.listener.max_header_bytes.max(8192))
+        // Room above the limit so the handler, not hyper, sees most oversized heads and can
+        // answer 431 with a JSON body; heads beyond even this get hyper's bare 431.
+        .max_buf_size(
+            cfg.listener
+                .max_header_bytes
+                .saturating_mul(4)
+                .clamp(8192, 1 << 20),
+        )
         .keep_alive(true);
     builder
         .http2()
@@ -213,6 +220,17 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             "CONNECT is not supported: send plain HTTP requests to the sidecar",
         ));
     }
+    let head_bytes = head_size(&req);
+    if head_bytes > cfg.listener.max_header_bytes {
+        return local(json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &format!(
+                "request head of {head_bytes} bytes exceeds listener.max_header_bytes ({})",
+                cfg.listener.max_header_bytes
+            ),
+        ));
+    }
     let limit = cfg.listener.max_body_bytes;
     let declared = match content_length(req.headers()) {
         Ok(n) => n,
@@ -325,6 +343,16 @@ pub fn error_response(e: &UpstreamError) -> Response<ProxyBody> {
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     local(resp)
+}
+
+/// Bytes of the request line and headers as sent on the wire (HTTP/1.1 framing).
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {

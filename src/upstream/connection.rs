@@ -118,6 +118,8 @@ pub struct Connection {
     closed: AtomicBool,
     draining: AtomicBool,
     closed_notify: Notify,
+    /// The pool's "something changed" signal: a freed request slot wakes waiting requests.
+    freed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -380,7 +382,7 @@ async fn pump_body(
 /// Holds a request slot and the in-flight count until the response body ends.
 struct InFlight {
     conn: Arc<Connection>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl InFlight {
@@ -389,7 +391,7 @@ impl InFlight {
         conn.stats.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             conn,
-            _permit: permit,
+            permit: Some(permit),
         }
     }
 }
@@ -397,6 +399,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Release the request slot first, then wake requests waiting for one.
+        drop(self.permit.take());
+        self.conn.freed.notify_waiters();
     }
 }
 
@@ -522,6 +527,7 @@ pub async fn dial(
     cfg: &Config,
     tls: &TlsSetup,
     generation: u64,
+    freed: Arc<Notify>,
 ) -> Result<Arc<Connection>, DialError> {
     let pool = &cfg.pool;
     let tcp = tokio::time::timeout(pool.connect_timeout, connect_tcp(&cfg.upstream.endpoint))
@@ -581,6 +587,7 @@ pub async fn dial(
                 generation,
                 Sender::H2(sender),
                 max_streams,
+                freed,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -604,6 +611,7 @@ pub async fn dial(
                 generation,
                 Sender::Http1(std::sync::Mutex::new(Some(sender))),
                 1,
+                freed,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -618,7 +626,13 @@ pub async fn dial(
 }
 
 impl Connection {
-    fn new(protocol: Protocol, generation: u64, sender: Sender, permits: usize) -> Self {
+    fn new(
+        protocol: Protocol,
+        generation: u64,
+        sender: Sender,
+        permits: usize,
+        freed: Arc<Notify>,
+    ) -> Self {
         let stats = ConnectionStats::default();
         stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
         Connection {
@@ -633,6 +647,7 @@ impl Connection {
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             closed_notify: Notify::new(),
+            freed,
         }
     }
 }

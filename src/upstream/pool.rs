@@ -612,7 +612,7 @@ async fn supervise(
         }
         let generation = p.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let dialed = tokio::select! {
-            d = dial(&p.cfg, &p.tls, generation) => d,
+            d = dial(&p.cfg, &p.tls, generation, p.changed.clone()) => d,
             _ = shutdown.changed() => return,
         };
         let delay = match dialed {

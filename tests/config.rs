@@ -1,0 +1,362 @@
+//! `sprint-sidecar check-config` (and `run`) against the real binary: the effective
+//! configuration is printed with secrets redacted; precedence is built-in < file < env <
+//! flag; every bad input exits 2 with one line naming the key (SPEC §3–§4, issue 2 item 1).
+
+mod support;
+
+use std::sync::Arc;
+
+use support::{CommandOutput, Pki, SidecarBuilder};
+
+/// A valid config: an existing CA file, loopback listeners.
+fn valid(pki: &Arc<Pki>) -> SidecarBuilder {
+    SidecarBuilder::new()
+        .endpoint("127.0.0.1:9443")
+        .server_name("relay.test")
+        .pki(pki.clone())
+}
+
+/// Reads `pool.size` from the printed effective configuration (TOML, as `sidecar.toml`).
+fn printed_pool_size(output: &CommandOutput) -> i64 {
+    let table: toml::Table = toml::from_str(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "check-config must print the effective config as TOML: {error}\n{}",
+            output.stdout
+        )
+    });
+    table
+        .get("pool")
+        .and_then(|pool| pool.get("size"))
+        .and_then(toml::Value::as_integer)
+        .unwrap_or_else(|| panic!("no pool.size in the printed config:\n{}", output.stdout))
+}
+
+fn assert_accepted(output: &CommandOutput) {
+    assert_eq!(
+        output.code,
+        Some(0),
+        "expected exit 0; stdout:\n{}\nstderr:\n{}",
+        output.stdout,
+        output.stderr
+    );
+}
+
+/// Exit 2 and exactly one non-empty stderr line that contains every one of `needles`.
+fn assert_rejected(output: &CommandOutput, needles: &[&str]) -> String {
+    assert_eq!(
+        output.code,
+        Some(2),
+        "expected exit 2; stdout:\n{}\nstderr:\n{}",
+        output.stdout,
+        output.stderr
+    );
+    let lines = output.stderr_lines();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one clear line on stderr, got:\n{}",
+        output.stderr
+    );
+    let line = lines[0].to_owned();
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "the error must name {needle:?}: {line}"
+        );
+    }
+    line
+}
+
+// ---- effective configuration ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let pki = Pki::new();
+    let builder = valid(&pki);
+    let token = builder.write_file("relay.token", b"Bearer s3cr3t-token-value-9f8e7d\n", 0o600);
+    let output = builder
+        .set_str("upstream", "auth_token_file", &token.display().to_string())
+        .set("pool", "size", "3")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&output);
+    assert!(
+        !output.stdout.contains("s3cr3t-token-value")
+            && !output.stderr.contains("s3cr3t-token-value"),
+        "the token's content must never be printed:\n{}{}",
+        output.stdout,
+        output.stderr
+    );
+    assert!(
+        output.stdout.contains("127.0.0.1:9443"),
+        "the endpoint is shown:\n{}",
+        output.stdout
+    );
+    assert_eq!(printed_pool_size(&output), 3);
+    // Defaults appear too: it is the *effective* configuration.
+    let table: toml::Table = toml::from_str(&output.stdout).expect("TOML output");
+    for section in [
+        "listener", "admin", "upstream", "pool", "breaker", "retry", "memory", "log",
+    ] {
+        assert!(
+            table.contains_key(section),
+            "section [{section}] missing:\n{}",
+            output.stdout
+        );
+    }
+    assert_eq!(
+        table["pool"]["connect_timeout"].as_str(),
+        Some("3s"),
+        "an unset key shows its documented default"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn precedence_is_defaults_then_file_then_env_then_flag() {
+    let pki = Pki::new();
+
+    let defaults = valid(&pki).run_command("check-config").await;
+    assert_accepted(&defaults);
+    assert_eq!(printed_pool_size(&defaults), 4, "built-in default");
+
+    let file = valid(&pki)
+        .set("pool", "size", "3")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&file);
+    assert_eq!(printed_pool_size(&file), 3, "the file beats the default");
+
+    let env = valid(&pki)
+        .set("pool", "size", "3")
+        .env("SPRINT_SIDECAR_POOL_SIZE", "5")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&env);
+    assert_eq!(printed_pool_size(&env), 5, "the environment beats the file");
+
+    let flag = valid(&pki)
+        .set("pool", "size", "3")
+        .env("SPRINT_SIDECAR_POOL_SIZE", "5")
+        .arg("--pool-size")
+        .arg("6")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&flag);
+    assert_eq!(
+        printed_pool_size(&flag),
+        6,
+        "the flag beats the environment"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_environment_keys_override_the_file() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .env("SPRINT_SIDECAR_UPSTREAM_ENDPOINT", "127.0.0.1:7443")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&output);
+    let table: toml::Table = toml::from_str(&output.stdout).expect("TOML output");
+    assert_eq!(
+        table["upstream"]["endpoint"].as_str(),
+        Some("127.0.0.1:7443")
+    );
+}
+
+// ---- bad input: exit 2, one line naming the key ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_key_is_named() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set("pool", "sizee", "3")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["sizee"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_section_is_named() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .extra_toml("[poool]\nsize = 3")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["poool"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_type_names_the_key() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set("pool", "size", "\"four\"")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["pool.size"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_duration_names_the_key() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set_str("pool", "connect_timeout", "5 parsecs")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["pool.connect_timeout"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_pool_size_is_refused() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set("pool", "size", "0")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["pool.size"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_pool_size_flag_is_refused() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .arg("--pool-size")
+        .arg("0")
+        .run_command("check-config")
+        .await;
+    assert_eq!(output.code, Some(2), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("pool.size") || output.stderr.contains("--pool-size"),
+        "{}",
+        output.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_address_names_the_key() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set_str("listener", "address", "not-an-address")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["listener.address"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_environment_value_names_the_variable() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .env("SPRINT_SIDECAR_POOL_SIZE", "many")
+        .run_command("check-config")
+        .await;
+    assert_rejected(&output, &["SPRINT_SIDECAR_POOL_SIZE"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn toml_syntax_error_names_the_line() {
+    let pki = Pki::new();
+    let builder = SidecarBuilder::new();
+    // Written by hand so the line number is known: the error is on line 3.
+    let config = builder.write_file(
+        "broken.toml",
+        format!(
+            "[upstream]\nca_file = \"{}\"\n[pool\nsize = 3\n",
+            pki.ca_file().display()
+        )
+        .as_bytes(),
+        0o644,
+    );
+    let output = builder
+        .run_args(&[
+            "check-config".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ])
+        .await;
+    let line = assert_rejected(&output, &[]);
+    assert!(
+        line.contains("line 3") || line.contains(":3:") || line.contains(":3 "),
+        "the error must name line 3: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_ca_file_names_the_path() {
+    let builder = SidecarBuilder::new().endpoint("127.0.0.1:9443").set_str(
+        "upstream",
+        "ca_file",
+        "/nonexistent/sprint-sidecar-test/ca.pem",
+    );
+    let output = builder.run_command("check-config").await;
+    assert_rejected(&output, &["/nonexistent/sprint-sidecar-test/ca.pem"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_config_file_names_the_path() {
+    let builder = SidecarBuilder::new();
+    let output = builder
+        .run_args(&[
+            "check-config".into(),
+            "--config".into(),
+            "/nonexistent/sprint-sidecar-test/sidecar.toml".into(),
+        ])
+        .await;
+    assert_rejected(&output, &["/nonexistent/sprint-sidecar-test/sidecar.toml"]);
+}
+
+// ---- secret file permissions ----
+
+fn with_world_readable_token(pki: &Arc<Pki>) -> SidecarBuilder {
+    let builder = valid(pki);
+    let token = builder.write_file("relay.token", b"Bearer world-readable-0644\n", 0o644);
+    builder.set_str("upstream", "auth_token_file", &token.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn world_readable_token_file_is_refused_by_check_config() {
+    let pki = Pki::new();
+    let output = with_world_readable_token(&pki)
+        .run_command("check-config")
+        .await;
+    let line = assert_rejected(&output, &["relay.token"]);
+    assert!(
+        !line.contains("world-readable-0644"),
+        "never print the secret: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn world_readable_token_file_is_refused_by_run() {
+    let pki = Pki::new();
+    let output = with_world_readable_token(&pki).run_command("run").await;
+    assert_eq!(
+        output.code,
+        Some(2),
+        "run must refuse to start; stdout:\n{}\nstderr:\n{}",
+        output.stdout,
+        output.stderr
+    );
+    assert!(
+        output.stderr.contains("relay.token"),
+        "names the file: {}",
+        output.stderr
+    );
+    assert!(
+        !output.stderr.contains("world-readable-0644")
+            && !output.stdout.contains("world-readable-0644")
+    );
+    assert!(
+        !output.stdout.contains("sprint-sidecar listening"),
+        "it never started serving"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insecure_permissions_can_be_allowed_explicitly() {
+    let pki = Pki::new();
+    let output = with_world_readable_token(&pki)
+        .set("upstream", "allow_insecure_permissions", "true")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&output);
+}

@@ -1,0 +1,623 @@
+//! End to end, real binary, real TLS: what the app sends to the data listener reaches the
+//! relay as SPEC §5 says (path and query unchanged, Host rewritten, hop-by-hop headers gone,
+//! bodies byte-exact both ways), and bad input or a bad relay certificate gets a JSON error.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Empty;
+use support::{
+    PatternBody, Proto, Relay, Sidecar, SidecarBuilder, assert_json_error, pattern_mismatch,
+};
+use tokio::task::JoinSet;
+
+const TEN_MIB: u64 = 10 * 1024 * 1024;
+
+/// A relay speaking `protocol` and a ready sidecar in front of it.
+async fn start(
+    protocol: Proto,
+    configure: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
+) -> (Relay, Sidecar) {
+    let relay = Relay::builder().protocol(protocol).start().await;
+    let sidecar = configure(Sidecar::builder().relay(&relay)).start().await;
+    sidecar.wait_ready().await;
+    (relay, sidecar)
+}
+
+/// Checks that an authority (`relay.test` or `relay.test:PORT`) names the relay.
+fn assert_names_relay(authority: Option<&str>, relay: &Relay) {
+    let authority = authority.expect("the relay saw an authority (Host or :authority)");
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    assert_eq!(
+        host,
+        relay.server_name(),
+        "Host/:authority must be the relay's name: {authority:?}"
+    );
+    if let Some(port) = port {
+        assert_eq!(
+            port,
+            relay.addr().port().to_string(),
+            "port of {authority:?}"
+        );
+    }
+}
+
+// ---- concurrency ----
+
+async fn answers_hundreds_of_concurrent_requests(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar.pool_size(4)).await;
+    let client = support::client();
+    let mut tasks = JoinSet::new();
+    for i in 0..400u64 {
+        let client = client.clone();
+        let rpc_url = sidecar.data_url("/");
+        let get_url = sidecar.data_url(&format!("/items/{i}?n={i}"));
+        tasks.spawn(async move {
+            if i % 2 == 0 {
+                let call = serde_json::json!({
+                    "jsonrpc": "2.0", "id": i, "method": "getblock", "params": [i]
+                });
+                let response = client.post(rpc_url).json(&call).send().await?;
+                let status = response.status().as_u16();
+                let answer: serde_json::Value = response.json().await?;
+                if status != 200 || answer["id"] != i || answer["result"]["params"][0] != i {
+                    return Err(format!("POST {i}: {status} {answer}").into());
+                }
+            } else {
+                let response = client.get(get_url).send().await?;
+                let status = response.status().as_u16();
+                let seen: serde_json::Value = response.json().await?;
+                let expected = format!("/items/{i}?n={i}");
+                if status != 200 || seen["target"] != expected.as_str() {
+                    return Err(format!("GET {i}: {status} {seen}").into());
+                }
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        if let Err(error) = outcome.expect("request task does not panic") {
+            failures.push(error.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 400 failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        relay.request_count(),
+        400,
+        "each request reached the relay exactly once"
+    );
+    assert!(
+        relay.tls_accepted() <= 4,
+        "the relay saw {} TLS connections for pool.size = 4",
+        relay.tls_accepted()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_hundreds_of_concurrent_requests_over_h2() {
+    answers_hundreds_of_concurrent_requests(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_hundreds_of_concurrent_requests_over_http1() {
+    answers_hundreds_of_concurrent_requests(Proto::Http1).await;
+}
+
+// ---- bodies ----
+
+/// Reads a streamed response, comparing every byte with the pattern; returns the length.
+async fn read_pattern(mut response: reqwest::Response) -> u64 {
+    let mut offset = 0u64;
+    while let Some(chunk) = response.chunk().await.expect("the response body streams") {
+        if let Some(at) = pattern_mismatch(offset, &chunk) {
+            panic!("byte {at} of the body differs from what was sent");
+        }
+        offset += chunk.len() as u64;
+    }
+    offset
+}
+
+async fn ten_mebibytes_each_way(protocol: Proto, chunked_upload: bool) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar).await;
+    let client = support::client();
+
+    let body = if chunked_upload {
+        PatternBody::chunked(TEN_MIB, 100_000)
+    } else {
+        PatternBody::sized(TEN_MIB)
+    };
+    let response = client
+        .post(sidecar.data_url("/echo"))
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap(body))
+        .send()
+        .await
+        .expect("the upload is answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(read_pattern(response).await, TEN_MIB, "echoed length");
+    let upload = relay
+        .requests()
+        .into_iter()
+        .find(|record| record.path == "/echo")
+        .expect("the relay saw the upload");
+    assert_eq!(upload.body_len, TEN_MIB, "bytes that reached the relay");
+    assert!(upload.body_complete);
+    assert_eq!(pattern_mismatch(0, &upload.body), None);
+
+    let response = client
+        .get(sidecar.data_url(&format!("/bytes/{TEN_MIB}")))
+        .send()
+        .await
+        .expect("the download is answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(read_pattern(response).await, TEN_MIB, "downloaded length");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_mebibyte_bodies_are_byte_exact_both_ways_over_h2() {
+    ten_mebibytes_each_way(Proto::H2, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_mebibyte_bodies_are_byte_exact_both_ways_over_http1() {
+    ten_mebibytes_each_way(Proto::Http1, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_mebibyte_chunked_upload_is_byte_exact() {
+    ten_mebibytes_each_way(Proto::H2, true).await;
+}
+
+// ---- headers and targets ----
+
+async fn host_is_rewritten(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar).await;
+    let request = Request::get("/who?x=1")
+        .header("host", "app.example:8080")
+        .body(Empty::<Bytes>::new())
+        .expect("valid request");
+    let (parts, _) = support::http1_request(sidecar.data_addr(), request)
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(parts.status, 200);
+    let record = relay.requests().pop().expect("the relay saw the request");
+    assert_names_relay(record.authority.as_deref(), &relay);
+    if let Some(host) = record.header("host") {
+        assert_names_relay(Some(host), &relay);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_is_rewritten_to_the_relay_name_over_http1() {
+    host_is_rewritten(Proto::Http1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authority_is_rewritten_to_the_relay_name_over_h2() {
+    host_is_rewritten(Proto::H2).await;
+}
+
+async fn hop_by_hop_headers_are_removed(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar).await;
+    let request = Request::post("/hop?keep=1")
+        .header("host", "app.example")
+        .header("connection", "keep-alive, X-Custom-Hop")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers, deflate")
+        .header("transfer-encoding", "chunked")
+        .header("upgrade", "websocket")
+        .header("x-custom-hop", "drop-me")
+        .header("x-end-to-end", "keep-me")
+        .body(PatternBody::chunked(1000, 300))
+        .expect("valid request");
+    let (parts, body) = support::http1_request(sidecar.data_addr(), request)
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&body));
+
+    let record = relay.requests().pop().expect("the relay saw the request");
+    assert_eq!(record.target, "/hop?keep=1");
+    assert_eq!(
+        record.header("x-end-to-end"),
+        Some("keep-me"),
+        "end-to-end headers stay"
+    );
+    assert_eq!(record.body_len, 1000);
+    assert!(record.body_complete);
+    for name in ["keep-alive", "proxy-connection", "upgrade", "x-custom-hop"] {
+        assert!(
+            !record.headers.contains_key(name),
+            "{name} must not reach the relay: {:?}",
+            record.headers
+        );
+    }
+    for te in record.headers.get_all("te") {
+        assert_eq!(
+            te, "trailers",
+            "only `TE: trailers` may pass: {:?}",
+            record.headers
+        );
+    }
+    if protocol == Proto::H2 {
+        for name in ["connection", "transfer-encoding"] {
+            assert!(
+                !record.headers.contains_key(name),
+                "{name} must not reach an h2 relay"
+            );
+        }
+    } else {
+        // The sidecar's own HTTP/1.1 framing may use these, but not the client's values.
+        for value in record.headers.get_all("connection") {
+            let value = value.to_str().unwrap_or_default().to_ascii_lowercase();
+            assert!(
+                !value.contains("x-custom-hop"),
+                "client Connection leaked: {value}"
+            );
+        }
+        for value in record.headers.get_all("transfer-encoding") {
+            assert_eq!(value, "chunked", "only the sidecar's own framing");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_removed_before_an_h2_relay() {
+    hop_by_hop_headers_are_removed(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_removed_before_an_http1_relay() {
+    hop_by_hop_headers_are_removed(Proto::Http1).await;
+}
+
+async fn path_and_query_are_unchanged(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar).await;
+    let targets = [
+        "/",
+        "/a/b/c?x=1&y=2",
+        "/with%20space/%7Euser?q=a%2Bb&q=c&empty=&flag",
+        "/json-rpc/v1;matrix=param?ids=1,2,3",
+        "//double//slashes/?a=/b&c=%2F",
+        "/unicode/%E2%82%BF?sym=%E2%82%BF",
+    ];
+    for target in targets {
+        let request = Request::get(target)
+            .header("host", "app.example")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request");
+        let (parts, _) = support::http1_request(sidecar.data_addr(), request)
+            .await
+            .unwrap_or_else(|error| panic!("GET {target}: {error}"));
+        assert_eq!(parts.status, 200, "GET {target}");
+        let record = relay.requests().pop().expect("the relay saw the request");
+        assert_eq!(
+            record.target, target,
+            "the relay must see the target unchanged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn path_and_query_reach_an_h2_relay_unchanged() {
+    path_and_query_are_unchanged(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn path_and_query_reach_an_http1_relay_unchanged() {
+    path_and_query_are_unchanged(Proto::Http1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_credential_replaces_the_client_authorization() {
+    let relay = Relay::builder().start().await;
+    let builder = Sidecar::builder().relay(&relay);
+    let token = builder.write_file("relay.token", b"Bearer relay-credential-42\n", 0o600);
+    let sidecar = builder
+        .set_str("upstream", "auth_token_file", &token.display().to_string())
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    let response = support::client()
+        .get(sidecar.data_url("/authed"))
+        .header("authorization", "Bearer from-the-app")
+        .send()
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(response.status(), 200);
+    let record = relay.requests().pop().expect("the relay saw the request");
+    let values: Vec<_> = record.headers.get_all("authorization").iter().collect();
+    assert_eq!(values.len(), 1, "exactly one credential: {values:?}");
+    assert_eq!(values[0], "Bearer relay-credential-42");
+}
+
+// ---- h2c ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_prior_knowledge_clients_are_served() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let client = support::h2c_client();
+    let mut tasks = JoinSet::new();
+    for i in 0..50u64 {
+        let client = client.clone();
+        let url = sidecar.data_url(&format!("/h2c/{i}?q={i}"));
+        tasks.spawn(async move {
+            let response = client.get(url).send().await.expect("h2c request answered");
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            assert_eq!(response.status(), 200);
+            let seen: serde_json::Value = response.json().await.expect("JSON answer");
+            assert_eq!(seen["target"], format!("/h2c/{i}?q={i}"));
+        });
+    }
+    while let Some(outcome) = tasks.join_next().await {
+        outcome.expect("h2c request task");
+    }
+    let response = client
+        .post(sidecar.data_url("/"))
+        .json(&serde_json::json!({"jsonrpc": "2.0", "id": "h2c", "method": "ping"}))
+        .send()
+        .await
+        .expect("h2c POST answered");
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.expect("JSON-RPC answer");
+    assert_eq!(answer["id"], "h2c");
+    assert_eq!(relay.request_count(), 51);
+}
+
+// ---- bad client input ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_over_max_body_bytes_with_content_length_gets_413() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_body_bytes", "1024")
+    })
+    .await;
+    let client = support::client();
+
+    let response = client
+        .post(sidecar.data_url("/limit/exact"))
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(
+        response.status(),
+        200,
+        "a body of exactly max_body_bytes passes"
+    );
+
+    let response = client
+        .post(sidecar.data_url("/limit/over"))
+        .body(vec![b'a'; 2048])
+        .send()
+        .await
+        .expect("answered");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("body");
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert_json_error(status, &body);
+    assert_eq!(
+        relay.count_path("/limit/over"),
+        0,
+        "a declared oversize body is refused before anything is sent upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_body_growing_past_max_body_bytes_gets_413() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_body_bytes", "1024")
+    })
+    .await;
+    let request = Request::post("/limit/chunked")
+        .header("host", "app.example")
+        .body(PatternBody::chunked(8 * 1024, 256))
+        .expect("valid request");
+    let (parts, body) = support::http1_request(sidecar.data_addr(), request)
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(parts.status, 413, "{}", String::from_utf8_lossy(&body));
+    assert_json_error(413, &body);
+    assert!(
+        relay
+            .requests()
+            .iter()
+            .all(|record| !(record.body_complete && record.body_len > 1024)),
+        "no body over the limit may reach the relay whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_get_431() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_header_bytes", "16384")
+    })
+    .await;
+    let small = Request::get("/headers/small")
+        .header("host", "app.example")
+        .header("x-filler", "f".repeat(4 * 1024))
+        .body(Empty::<Bytes>::new())
+        .expect("valid request");
+    let (parts, _) = support::http1_request(sidecar.data_addr(), small)
+        .await
+        .expect("answered");
+    assert_eq!(parts.status, 200, "headers under the limit pass");
+
+    let big = Request::get("/headers/big")
+        .header("host", "app.example")
+        .header("x-filler", "f".repeat(32 * 1024))
+        .body(Empty::<Bytes>::new())
+        .expect("valid request");
+    let (parts, body) = support::http1_request(sidecar.data_addr(), big)
+        .await
+        .expect("answered");
+    assert_eq!(parts.status, 431, "{}", String::from_utf8_lossy(&body));
+    assert_json_error(431, &body);
+    assert_eq!(relay.count_path("/headers/big"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_client_headers_are_cut_off() {
+    // Time is the subject here: header_read_timeout = 300ms, the client never finishes.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "header_read_timeout", "300ms")
+    })
+    .await;
+    let started = Instant::now();
+    let answer = support::raw_exchange(
+        sidecar.data_addr(),
+        b"GET /slow HTTP/1.1\r\nHost: app.example\r\nX-Partial: ",
+        Duration::from_secs(5),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "the connection must be cut off, took {elapsed:?}"
+    );
+    if let Some(status) = support::raw_status(&answer) {
+        assert_eq!(status, 408, "{}", String::from_utf8_lossy(&answer));
+    }
+}
+
+// ---- bad relay certificate ----
+
+async fn bad_certificate_gets_502(identity: support::Identity, problem_words: &[&str]) {
+    let pki = support::Pki::new();
+    let relay = Relay::builder()
+        .pki(pki.clone())
+        .identity(identity)
+        .start()
+        .await;
+    let sidecar = Sidecar::builder().relay(&relay).start().await;
+    let client = support::client();
+    let (status, body) = support::eventually(
+        support::EVENTUALLY,
+        "a 502 for the bad certificate",
+        || async {
+            let response = client.get(sidecar.data_url("/never")).send().await.ok()?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.ok()?;
+            (status == 502).then_some((status, body))
+        },
+    )
+    .await;
+    let (_, detail) = assert_json_error(status, &body);
+    let detail = detail.to_lowercase();
+    assert!(
+        detail.contains("certificate"),
+        "the detail must name the certificate problem: {detail}"
+    );
+    assert!(
+        problem_words.iter().any(|word| detail.contains(word)),
+        "the detail must say what is wrong ({problem_words:?}): {detail}"
+    );
+    assert_eq!(
+        relay.request_count(),
+        0,
+        "nothing may be sent over an unverified connection"
+    );
+    assert!(
+        relay.handshake_failures() >= 1,
+        "the sidecar aborted the handshake"
+    );
+    assert_eq!(
+        sidecar.admin_status("/ready").await,
+        Some(503),
+        "not ready without a verified connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untrusted_relay_certificate_gets_502_naming_the_problem() {
+    let pki = support::Pki::new();
+    bad_certificate_gets_502(
+        pki.untrusted_server_identity(),
+        &["unknownissuer", "unknown issuer", "issuer", "trust"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_certificate_for_another_name_gets_502_naming_the_problem() {
+    // Issued by the trusted CA, but for the wrong name.
+    let relay_pki = support::Pki::new();
+    let relay = Relay::builder()
+        .pki(relay_pki.clone())
+        .identity(relay_pki.server_identity_for(&["other.test"]))
+        .start()
+        .await;
+    let sidecar = Sidecar::builder().relay(&relay).start().await;
+    let client = support::client();
+    let (status, body) =
+        support::eventually(support::EVENTUALLY, "a 502 for the wrong name", || async {
+            let response = client.get(sidecar.data_url("/never")).send().await.ok()?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.ok()?;
+            (status == 502).then_some((status, body))
+        })
+        .await;
+    let (_, detail) = assert_json_error(status, &body);
+    let detail = detail.to_lowercase();
+    assert!(detail.contains("certificate"), "{detail}");
+    assert!(
+        detail.contains("name"),
+        "the detail must say the name does not match: {detail}"
+    );
+    assert_eq!(relay.request_count(), 0);
+}
+
+// ---- errors are JSON ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_answers_pass_through_unchanged() {
+    // A relay's own 4xx/5xx is its answer, not a sidecar error: status and body unchanged.
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let client = support::client();
+    let response = client
+        .get(sidecar.data_url("/status/404"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 404);
+    assert!(
+        response.headers().contains_key("x-relay-connection-id"),
+        "the relay's own response headers come through"
+    );
+    let body: serde_json::Value = response.json().await.expect("the relay's JSON");
+    assert_eq!(body["status"], 404);
+    assert_eq!(relay.count_path("/status/404"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_down_gets_a_json_error() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    relay.go_down().await;
+    let client = support::client();
+    let response = client
+        .post(sidecar.data_url("/"))
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"x"}"#)
+        .send()
+        .await
+        .expect("the sidecar answers even with the relay down");
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("body");
+    assert!(
+        (502..=504).contains(&status),
+        "relay down must be a 502/503/504, got {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_json_error(status, &body);
+}
