@@ -211,8 +211,11 @@ impl Connection {
             Sender::Http1(slot) => {
                 let taken = slot.lock().ok().and_then(|mut s| s.take());
                 let Some(mut sender) = taken else {
+                    // An earlier request was abandoned mid-exchange (timed out or cancelled):
+                    // this HTTP/1.1 connection cannot carry another one.
+                    self.mark_closed();
                     return Err(UpstreamError::reset(
-                        "HTTP/1.1 connection busy or closed",
+                        "HTTP/1.1 connection was abandoned",
                         true,
                     ));
                 };
