@@ -67,6 +67,21 @@ pub struct Bound {
     pub admin: SocketAddr,
 }
 
+/// Process-wide protection from `[memory]`: the wiping allocator switch, then dumpable,
+/// core limit and `mlockall`. Call before spawning threads and before loading secrets.
+///
+/// # Errors
+/// Locking is required but not permitted (exit 2, with how to grant it).
+pub fn harden(cfg: &Config) -> Result<HardeningState, AppError> {
+    crate::secret::set_wipe_on_free(cfg.memory.wipe_freed_memory);
+    hardening::apply(hardening::HardeningOptions {
+        require_lock: cfg.memory.require_lock,
+        lock_all: cfg.memory.lock_all,
+        disable_core_dumps: cfg.memory.disable_core_dumps,
+    })
+    .map_err(|e| AppError::config(e.to_string()))
+}
+
 /// Loads the secrets the configuration names, in locked memory.
 ///
 /// # Errors
@@ -136,7 +151,8 @@ pub async fn run(
 ) -> Result<(), AppError> {
     tls::install_default_provider();
     let cfg = Arc::new(cfg);
-    let tls = tls::setup(&cfg.upstream).map_err(|e| AppError::config(e.to_string()))?;
+    let tls = tls::setup(&cfg.upstream, cfg.pool.size.get())
+        .map_err(|e| AppError::config(e.to_string()))?;
     let admin_token = load_admin_token(&cfg)?;
     let data_listener = TcpListener::bind(cfg.listener.address).await.map_err(|e| {
         AppError::runtime(format!(

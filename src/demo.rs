@@ -20,7 +20,6 @@ use tracing::{debug, info};
 
 use crate::app::{self, AppError, Bound};
 use crate::config::{Config, Overrides};
-use crate::hardening::{self, HardeningOptions};
 use crate::shutdown::Shutdown;
 
 /// Name the simulator's certificate is issued for.
@@ -241,12 +240,7 @@ pub async fn run(overrides: Overrides) -> Result<(), AppError> {
     };
     let cfg =
         Config::load_from(None, &env, &overrides).map_err(|e| AppError::config(e.to_string()))?;
-    let state = hardening::apply(HardeningOptions {
-        require_lock: cfg.memory.require_lock,
-        lock_all: cfg.memory.lock_all,
-        disable_core_dumps: cfg.memory.disable_core_dumps,
-    })
-    .map_err(|e| AppError::config(e.to_string()))?;
+    let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
     let relay_addr = relay.addr;
     let result = app::run(cfg, state, credential, Shutdown::new(), move |bound: Bound| {

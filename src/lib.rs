@@ -23,7 +23,6 @@ pub mod app;
 pub mod config;
 pub mod credential;
 pub mod demo;
-#[path = "hardening_shim.rs"]
 pub mod hardening;
 pub mod latency;
 pub mod metrics;

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use sprint_sidecar::app::{self, AppError};
 use sprint_sidecar::config::{Config, LogFormat, Overrides};
-use sprint_sidecar::hardening::{self, HardeningOptions};
 use sprint_sidecar::shutdown::Shutdown;
 use sprint_sidecar::{demo, secret, status_cli};
 
@@ -137,14 +136,8 @@ fn run(args: &RunArgs) -> Result<(), AppError> {
     let cfg = Config::load(args.config.as_deref(), &args.overrides())
         .map_err(|e| AppError::config(e.to_string()))?;
     init_tracing(cfg.log.format, &cfg.log.level);
-    secret::set_wipe_on_free(cfg.memory.wipe_freed_memory);
     // Hardening and secrets come before any thread is spawned.
-    let state = hardening::apply(HardeningOptions {
-        require_lock: cfg.memory.require_lock,
-        lock_all: cfg.memory.lock_all,
-        disable_core_dumps: cfg.memory.disable_core_dumps,
-    })
-    .map_err(|e| AppError::config(e.to_string()))?;
+    let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
     runtime()?.block_on(app::run(cfg, state, credential, Shutdown::new(), announce))
 }
@@ -153,7 +146,8 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     let cfg = Config::load(args.config.as_deref(), &args.overrides())
         .map_err(|e| AppError::config(e.to_string()))?;
     sprint_sidecar::tls::install_default_provider();
-    sprint_sidecar::tls::setup(&cfg.upstream).map_err(|e| AppError::config(e.to_string()))?;
+    sprint_sidecar::tls::setup(&cfg.upstream, cfg.pool.size.get())
+        .map_err(|e| AppError::config(e.to_string()))?;
     let credential = app::load_credential(&cfg)?;
     print!("{}", cfg.to_toml());
     if let Some(c) = credential {

@@ -3,8 +3,12 @@
 //! `h2` then `http/1.1`, the aws-lc-rs provider installed explicitly. Key material is read
 //! through `secret`.
 
+pub mod identity;
+pub mod tickets;
+
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
@@ -29,6 +33,8 @@ pub struct TlsSetup {
     pub connector: tokio_rustls::TlsConnector,
     pub server_name: ServerName<'static>,
     pub config: Arc<ClientConfig>,
+    /// The bounded session-ticket store, when resumption is on.
+    pub tickets: Option<Arc<tickets::TicketStore>>,
 }
 
 impl fmt::Debug for TlsSetup {
@@ -49,11 +55,16 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Builds the client configuration from `[upstream]`.
+/// Longest a session ticket is kept for resumption.
+pub const TICKET_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// Builds the client configuration from `[upstream]`; `pool_size` bounds the ticket store
+/// (at most one ticket per connection slot).
 ///
 /// # Errors
-/// The CA file cannot be read or holds no certificate; the server name is invalid.
-pub fn setup(cfg: &UpstreamConfig) -> Result<TlsSetup, TlsSetupError> {
+/// The CA file cannot be read or holds no certificate; the mTLS identity cannot be loaded;
+/// the server name is invalid. Messages name the key and file, never secret content.
+pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     match &cfg.ca_file {
         Some(path) => {
@@ -81,11 +92,28 @@ pub fn setup(cfg: &UpstreamConfig) -> Result<TlsSetup, TlsSetupError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError(format!("TLS provider: {e}")))?
         .with_root_certificates(roots);
-    let mut config = builder.with_no_client_auth();
+    let mut config = match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let resolver = identity::load_client_identity(
+                cert,
+                key,
+                cfg.allow_insecure_permissions,
+                &provider(),
+            )
+            .map_err(|e| TlsSetupError(format!("upstream.client_key_file: {e}")))?;
+            builder.with_client_cert_resolver(resolver)
+        }
+        _ => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    if !cfg.session_resumption {
+    let tickets = if cfg.session_resumption {
+        let store = tickets::TicketStore::new(pool_size, TICKET_MAX_AGE);
+        config.resumption = rustls::client::Resumption::store(store.clone());
+        Some(store)
+    } else {
         config.resumption = rustls::client::Resumption::disabled();
-    }
+        None
+    };
     let config = Arc::new(config);
     let server_name = ServerName::try_from(cfg.server_name.clone()).map_err(|_| {
         TlsSetupError(format!(
@@ -97,6 +125,7 @@ pub fn setup(cfg: &UpstreamConfig) -> Result<TlsSetup, TlsSetupError> {
         connector: tokio_rustls::TlsConnector::from(config.clone()),
         server_name,
         config,
+        tickets,
     })
 }
 
