@@ -17,17 +17,21 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let client = sidecar.client().clone();
     let url = sidecar.data_url("/delay/800");
     let in_flight = tokio::spawn(async move { client.get(url).send().await });
-    support::eventually(Duration::from_secs(5), "the slow request reaches the relay", || async {
-        (relay.count_path("/delay/800") == 1).then_some(())
-    })
+    support::eventually(
+        Duration::from_secs(5),
+        "the slow request reaches the relay",
+        || async { (relay.count_path("/delay/800") == 1).then_some(()) },
+    )
     .await;
 
     let signalled = Instant::now();
     sidecar.terminate().await;
     // Readiness goes false while the request drains.
-    support::eventually(Duration::from_secs(2), "/ready turns 503 during the drain", || async {
-        (sidecar.admin_status("/ready").await == Some(503)).then_some(())
-    })
+    support::eventually(
+        Duration::from_secs(2),
+        "/ready turns 503 during the drain",
+        || async { (sidecar.admin_status("/ready").await == Some(503)).then_some(()) },
+    )
     .await;
 
     let response = in_flight
@@ -42,9 +46,11 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         "it waited for the request"
     );
     // Relay connections were closed by the sidecar.
-    support::eventually(Duration::from_secs(5), "relay connections closed", || async {
-        (relay.open_connections() == 0).then_some(())
-    })
+    support::eventually(
+        Duration::from_secs(5),
+        "relay connections closed",
+        || async { (relay.open_connections() == 0).then_some(()) },
+    )
     .await;
 }
 
