@@ -51,7 +51,14 @@ fn assert_names_relay(authority: Option<&str>, relay: &Relay) {
 // ---- concurrency ----
 
 async fn answers_hundreds_of_concurrent_requests(protocol: Proto) {
-    let (relay, sidecar) = start(protocol, |sidecar| sidecar.pool_size(4)).await;
+    // Correctness under concurrency, not latency: on a loaded CI machine 400 requests over
+    // four HTTP/1.1 connections can queue for longer than the default request_timeout.
+    let (relay, sidecar) = start(protocol, |sidecar| {
+        sidecar
+            .pool_size(4)
+            .set_str("pool", "request_timeout", "60s")
+    })
+    .await;
     let client = support::client();
     let mut tasks = JoinSet::new();
     for i in 0..400u64 {
@@ -341,6 +348,38 @@ async fn configured_credential_replaces_the_client_authorization() {
     let values: Vec<_> = record.headers.get_all("authorization").iter().collect();
     assert_eq!(values.len(), 1, "exactly one credential: {values:?}");
     assert_eq!(values[0], "Bearer relay-credential-42");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificate_is_presented_to_an_mtls_relay() {
+    let pki = support::Pki::new();
+    let relay = Relay::builder()
+        .pki(pki.clone())
+        .require_client_certificate(true)
+        .start()
+        .await;
+    let (cert, key) = pki.write_client_identity("sidecar");
+    let sidecar = Sidecar::builder()
+        .relay(&relay)
+        .set_str("upstream", "client_cert_file", &cert.display().to_string())
+        .set_str("upstream", "client_key_file", &key.display().to_string())
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    let response = support::client()
+        .get(sidecar.data_url("/mtls"))
+        .send()
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(response.status(), 200);
+    assert!(
+        relay
+            .connections()
+            .iter()
+            .filter(|info| info.tls_established)
+            .all(|info| info.client_certificate),
+        "every TLS connection presented the client certificate"
+    );
 }
 
 // ---- h2c ----

@@ -350,8 +350,9 @@ async fn reset_after_request_reads_the_request_then_resets() {
         let result = client.send(request("POST", "/submit", "payload", h2)).await;
         let error = result.expect_err("the request must fail");
         let text = format!("{error:?}").to_lowercase();
+        // An RST surfaces as ECONNRESET, or as EPIPE when the client was still writing.
         assert!(
-            text.contains("connectionreset"),
+            text.contains("connectionreset") || text.contains("brokenpipe"),
             "{protocol:?} must see an RST: {text}"
         );
         assert_eq!(relay.count("POST", "/submit"), 1);

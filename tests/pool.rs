@@ -8,7 +8,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::{Proto, Relay, Sidecar, SidecarBuilder, is_rfc3339_utc};
+use support::{Fault, Proto, Relay, Sidecar, SidecarBuilder, is_rfc3339_utc};
 use tokio::task::JoinSet;
 
 async fn start(
@@ -72,7 +72,13 @@ async fn warm_connections_are_opened_at_start() {
 }
 
 async fn relay_sees_no_more_connections_than_pool_size(protocol: Proto) {
-    let (relay, sidecar) = start(protocol, |sidecar| sidecar.pool_size(3)).await;
+    // A generous request_timeout: queued HTTP/1.1 requests must not time out on a slow machine.
+    let (relay, sidecar) = start(protocol, |sidecar| {
+        sidecar
+            .pool_size(3)
+            .set_str("pool", "request_timeout", "60s")
+    })
+    .await;
     let failures = traffic(&sidecar, "/delay/5", 300, 64).await;
     assert!(failures.is_empty(), "failed: {failures:?}");
     assert!(
@@ -355,4 +361,36 @@ async fn connections_rotate_after_max_connection_age_without_failing_requests() 
         || async { (relay.open_connections() <= 4).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_that_accepts_then_closes_is_redialed_with_backoff_not_a_hot_loop() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar.pool_size(2)).await;
+    relay
+        .wait_for_open_connections(2, support::EVENTUALLY)
+        .await;
+    relay.set_fault(Fault::AcceptThenClose);
+    relay.close_connections();
+    sidecar.wait_admin_status("/ready", 503).await;
+
+    // Time is the subject: over 1.5 s with backoff 50 ms doubling to 500 ms, two slots make
+    // a handful of attempts each; a loop without backoff would make thousands.
+    let before = relay.tcp_accepted();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = relay.tcp_accepted() - before;
+    assert!(
+        attempts >= 2,
+        "the pool keeps trying: {attempts} dials in 1.5 s"
+    );
+    assert!(
+        attempts <= 40,
+        "re-dials back off: {attempts} dials in 1.5 s"
+    );
+
+    relay.heal();
+    sidecar.wait_ready().await;
+    relay
+        .wait_for_open_connections(2, support::EVENTUALLY)
+        .await;
+    assert!(traffic(&sidecar, "/healed", 10, 2).await.is_empty());
 }

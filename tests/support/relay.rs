@@ -138,6 +138,13 @@ pub struct ConnectionInfo {
     pub tls_established: bool,
     /// True while the connection is open.
     pub open: bool,
+    /// When the relay saw the connection end.
+    pub closed_at: Option<Instant>,
+    /// Raw TCP bytes read from / written to the client (TLS records included).
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// When the last non-empty read from the client happened.
+    pub last_read_at: Option<Instant>,
 }
 
 /// Builder for [`Relay`].
@@ -211,6 +218,7 @@ impl RelayBuilder {
             handshake_failures: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
+            io: Mutex::new(HashMap::new()),
             accept_task: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(inner.clone(), listener));
@@ -416,6 +424,14 @@ impl Relay {
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         let mut all: Vec<ConnectionInfo> =
             lock(&self.inner.connections).values().cloned().collect();
+        let io = lock(&self.inner.io);
+        for info in &mut all {
+            if let Some(stats) = io.get(&info.id) {
+                info.bytes_received = stats.received.load(Ordering::SeqCst);
+                info.bytes_sent = stats.sent.load(Ordering::SeqCst);
+                info.last_read_at = *lock(&stats.last_read_at);
+            }
+        }
         all.sort_by_key(|info| info.id);
         all
     }
@@ -463,6 +479,8 @@ struct Inner {
     connections: Mutex<HashMap<u64, ConnectionInfo>>,
     /// Open connections: their task and a duplicate of their socket (to reset or shut it).
     live: Mutex<HashMap<u64, LiveConnection>>,
+    /// Byte counters of every connection ever accepted.
+    io: Mutex<HashMap<u64, Arc<IoStats>>>,
     accept_task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -489,8 +507,11 @@ impl Inner {
     }
 
     fn mark_closed(&self, connection_id: u64) {
-        if let Some(info) = lock(&self.connections).get_mut(&connection_id) {
+        if let Some(info) = lock(&self.connections).get_mut(&connection_id)
+            && info.open
+        {
             info.open = false;
+            info.closed_at = Some(Instant::now());
         }
     }
 
@@ -616,8 +637,18 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 accepted_at: Instant::now(),
                 tls_established: false,
                 open: true,
+                closed_at: None,
+                bytes_received: 0,
+                bytes_sent: 0,
+                last_read_at: None,
             },
         );
+        let stats = Arc::new(IoStats::default());
+        lock(&inner.io).insert(id, stats.clone());
+        let stream = CountingIo {
+            inner: stream,
+            stats,
+        };
         // Hold the lock while spawning so the task cannot finish (and unregister) before
         // it is registered.
         let mut live = lock(&inner.live);
@@ -645,7 +676,7 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn serve_connection(inner: Arc<Inner>, id: u64, stream: TcpStream) {
+async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
     let _guard = OpenGuard {
         inner: inner.clone(),
         id,
@@ -961,5 +992,59 @@ impl Body for ChannelBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// Byte counters of one TCP connection.
+#[derive(Default)]
+struct IoStats {
+    received: AtomicU64,
+    sent: AtomicU64,
+    last_read_at: Mutex<Option<Instant>>,
+}
+
+/// The relay's TCP stream with byte counting (below TLS), so a test can tell "the sidecar
+/// never sent it" from "the relay never parsed it".
+struct CountingIo {
+    inner: TcpStream,
+    stats: Arc<IoStats>,
+}
+
+impl tokio::io::AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.stats.received.fetch_add(read as u64, Ordering::SeqCst);
+            *lock(&self.stats.last_read_at) = Some(Instant::now());
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(written)) = &result {
+            self.stats.sent.fetch_add(*written as u64, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
