@@ -26,6 +26,7 @@ pub struct Config {
     pub log: LogConfig,
     /// The merged raw values, kept for `check-config`.
     raw: RawConfig,
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +457,7 @@ impl Config {
         };
         let defaults = default_table();
         let mut problems = Vec::new();
+        let mut warnings = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -473,17 +475,12 @@ impl Config {
                         Err(p) => problems.push(p),
                     }
                 }
-                // Only names inside a known section are ours to judge: other variables may
-                // share the prefix (e.g. the one `auth_token_env` names).
-                None if defaults
-                    .keys()
-                    .any(|s| rest.starts_with(&format!("{}_", s.to_ascii_uppercase()))) =>
-                {
-                    problems.push(format!(
-                        "environment variable {name} names no configuration key"
-                    ))
-                }
-                None => {}
+                // Not fatal: Kubernetes injects `<SERVICE>_SERVICE_HOST`-style variables that
+                // can share the prefix (a Service named `sprint-sidecar-admin`), as can the
+                // variable `auth_token_env` names. Reported as a warning instead.
+                None => warnings.push(format!(
+                    "environment variable {name} names no configuration key; ignored"
+                )),
             }
         }
         for (section, key, value) in overrides.entries() {
@@ -497,7 +494,15 @@ impl Config {
         }
         let raw = RawConfig::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::one(e.message().trim().to_string()))?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.warnings = warnings;
+        Ok(config)
+    }
+
+    /// Things worth telling the operator that do not stop the sidecar (e.g. an unknown
+    /// `SPRINT_SIDECAR_*` variable).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The effective configuration as TOML, for `check-config`. Secret values never appear
@@ -950,6 +955,7 @@ impl RawConfig {
             memory,
             log,
             raw: self,
+            warnings: Vec::new(),
         })
     }
 }
@@ -1082,8 +1088,10 @@ mod tests {
         let env = [("SPRINT_SIDECAR_UPSTREAM_ALPN", "http/1.1")];
         let c = load_text("", &env, &Overrides::default()).unwrap();
         assert_eq!(c.upstream.alpn, vec!["http/1.1".to_string()]);
-        let env = [("SPRINT_SIDECAR_POOL_NOPE", "1")];
-        assert!(load_text("", &env, &Overrides::default()).is_err());
+        let env = [("SPRINT_SIDECAR_ADMIN_SERVICE_HOST", "10.0.0.1")];
+        let c =
+            load_text("", &env, &Overrides::default()).expect("unknown variables are not fatal");
+        assert!(c.warnings()[0].contains("SPRINT_SIDECAR_ADMIN_SERVICE_HOST"));
     }
 
     #[test]

@@ -136,6 +136,9 @@ fn run(args: &RunArgs) -> Result<(), AppError> {
     let cfg = Config::load(args.config.as_deref(), &args.overrides())
         .map_err(|e| AppError::config(e.to_string()))?;
     init_tracing(cfg.log.format, &cfg.log.level);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     // Hardening and secrets come before any thread is spawned.
     let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
@@ -150,6 +153,9 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
         .map_err(|e| AppError::config(e.to_string()))?;
     let credential = app::load_credential(&cfg)?;
     print!("{}", cfg.to_toml());
+    for w in cfg.warnings() {
+        println!("# warning: {w}");
+    }
     if let Some(c) = credential {
         println!("# relay credential: loaded into locked memory ({c:?}), value redacted");
     }
