@@ -362,8 +362,8 @@ fn metrics_response(
     pool_only: bool,
 ) -> Response<Full<Bytes>> {
     let snapshot = state.pool.snapshot();
-    let now_ms = state.pool.now_ms();
-    let _ = now_ms;
+    // The self-check runs now, before the buffers are counted: its scratch buffer is gone.
+    let self_check_passed = (!pool_only).then(|| state.memory.self_check().0);
     let (buffers, locked) = state.memory.buffers();
     let mut states: Vec<(&'static str, i64)> =
         SlotState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
@@ -381,7 +381,7 @@ fn metrics_response(
         upstream_states: states,
         secure_buffers: buffers,
         locked_bytes: locked,
-        self_check_passed: None,
+        self_check_passed,
     };
     let openmetrics = state.metrics.encode(&values, pool_only);
     let accept = headers
