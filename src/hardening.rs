@@ -409,6 +409,8 @@ pub fn self_check(state: &HardeningState) -> SelfCheckReport {
 struct Inspection {
     options: HardeningOptions,
     registry: RegistryStats,
+    /// Buffers a reader opened at some point while the kernel's view was being read.
+    in_use: Vec<u64>,
     scratch_id: Option<u64>,
     round_trip: Result<String, String>,
     canaries: Vec<secret::CanaryStatus>,
@@ -422,7 +424,7 @@ struct Inspection {
 impl Inspection {
     fn now(state: &HardeningState) -> Inspection {
         let pattern: Vec<u8> = (0..64).map(|_| fastrand::u8(1..=u8::MAX)).collect();
-        let scratch = SecureBuffer::build::<secret::SecretError>(
+        let mut scratch = SecureBuffer::build::<secret::SecretError>(
             "self-check scratch buffer",
             pattern.len(),
             |bytes| {
@@ -430,24 +432,43 @@ impl Inspection {
                 Ok(pattern.len())
             },
         );
-        // Every kernel fact is read while the scratch buffer is alive and registered.
-        let mut inspection = Inspection {
+        // Every kernel fact is read while the scratch buffer is alive and registered, and
+        // every buffer pinned so none is released between the snapshot and smaps.
+        let pinned = secret::pin_registry();
+        let maps = procfs::smaps().map_err(|e| format!("cannot read /proc/self/smaps: {e}"));
+        let process = procfs::status().map_err(|e| format!("cannot read /proc/self/status: {e}"));
+        // Requests expose the token all the time: a buffer opened before, during or after the
+        // smaps read may legitimately show r--p there.
+        let after = pinned.regions_now();
+        let in_use = pinned
+            .stats()
+            .regions
+            .iter()
+            .zip(&after)
+            .filter(|(before, now)| {
+                before.is_open || now.is_open || before.windows_opened != now.windows_opened
+            })
+            .map(|(before, _)| before.id)
+            .collect();
+        // Canary checks open each buffer, so they come after the open-state comparison.
+        let canaries = pinned.check_canaries();
+        let round_trip = match scratch {
+            Ok(ref mut buffer) => wipe_round_trip(buffer, &pattern),
+            Err(ref error) => Err(format!("cannot create a scratch buffer: {error}")),
+        };
+        Inspection {
             options: state.options,
-            registry: secret::registry(),
+            registry: pinned.stats().clone(),
+            in_use,
             scratch_id: scratch.as_ref().ok().map(SecureBuffer::id),
-            round_trip: Err(String::new()),
-            canaries: secret::check_canaries(),
-            maps: procfs::smaps().map_err(|e| format!("cannot read /proc/self/smaps: {e}")),
-            process: procfs::status().map_err(|e| format!("cannot read /proc/self/status: {e}")),
+            round_trip,
+            canaries,
+            maps,
+            process,
             dumpable: sys::is_dumpable(),
             core: sys::core_limit(),
             memlock: sys::memlock_limit(),
-        };
-        inspection.round_trip = match scratch {
-            Ok(mut buffer) => wipe_round_trip(&mut buffer, &pattern),
-            Err(error) => Err(format!("cannot create a scratch buffer: {error}")),
-        };
-        inspection
+        }
     }
 
     fn report(&self) -> SelfCheckReport {
@@ -595,16 +616,19 @@ impl Inspection {
             "secure_buffers_sealed",
             |r| r.data.clone(),
             |region, found| {
-                if region.is_open || found.iter().all(|m| m.is_no_access()) {
+                if self.in_use.contains(&region.id) || found.iter().all(|m| m.is_no_access()) {
                     Ok(())
                 } else {
-                    Err(format!("{} while no reader is inside expose", found[0].perms))
+                    Err(format!(
+                        "{} although no reader was inside expose",
+                        found[0].perms
+                    ))
                 }
             },
             |regions, _| {
-                let open = regions.iter().filter(|r| r.is_open).count();
+                let open = self.in_use.len();
                 format!(
-                    "{} buffers ---p (PROT_NONE) while not in use; {open} open for a reader right now",
+                    "{} buffers ---p (PROT_NONE) while not in use; {open} opened by a reader during the check",
                     regions.len() - open
                 )
             },
@@ -877,6 +901,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Output};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Selects the scenario `child_entry` runs in a re-executed copy of this test binary.
     const CHILD: &str = "SPRINT_SIDECAR_HARDENING_CHILD";
@@ -917,8 +943,24 @@ mod tests {
         match scenario.as_str() {
             "harden_as_root" => {
                 let state = apply(HardeningOptions::default()).unwrap();
-                let _token = SecureBuffer::from_slice(b"Bearer relay-token").unwrap();
+                let token = Arc::new(SecureBuffer::from_slice(b"Bearer relay-token").unwrap());
                 let _key = SecureBuffer::from_slice(&[0x30; 1200]).unwrap();
+                // Requests expose the token while the check runs: it must still pass.
+                let stop = Arc::new(AtomicBool::new(false));
+                let traffic = {
+                    let (token, stop) = (Arc::clone(&token), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            token.expose(|bytes| assert_eq!(bytes.len(), 18));
+                        }
+                    })
+                };
+                for _ in 0..50 {
+                    let report = self_check(&state);
+                    assert!(report.passed, "under traffic: {report:#?}");
+                }
+                stop.store(true, Ordering::Relaxed);
+                traffic.join().unwrap();
                 let report = self_check(&state);
                 println!("{}", serde_json::to_string_pretty(&report).unwrap());
                 assert!(report.passed, "{report:#?}");
@@ -977,7 +1019,16 @@ mod tests {
                 let state = apply(options).unwrap();
                 assert!(state.is_degraded(), "{state:?}");
                 println!("{:?}", state.degraded_reasons());
-                let _token = SecureBuffer::from_slice(b"Bearer relay-token").unwrap();
+                let token = SecureBuffer::from_slice(b"Bearer relay-token").unwrap();
+                assert!(!token.is_locked());
+                let error = SecureBuffer::from_slice(b"x")
+                    .unwrap()
+                    .require_locked()
+                    .unwrap_err();
+                assert!(error.is_lock_failed());
+                let message = error.to_string();
+                assert!(message.contains("RLIMIT_MEMLOCK is 0 bytes"), "{message}");
+                assert!(message.contains("CAP_IPC_LOCK"), "{message}");
                 let report = self_check(&state);
                 println!("{}", serde_json::to_string_pretty(&report).unwrap());
                 assert!(!report.passed);
@@ -1001,10 +1052,22 @@ mod tests {
         }
     }
 
+    /// Whether this process may lock memory beyond a few pages (CAP_IPC_LOCK, as root
+    /// normally has) or, with `whole_process`, lock all of it.
+    fn may_lock(whole_process: bool) -> bool {
+        let capable = procfs::status().is_ok_and(|s| s.has_ipc_lock());
+        let limit = sys::memlock_limit().map(|l| l.soft).unwrap_or(Some(0));
+        capable
+            || match limit {
+                None => true,
+                Some(bytes) => !whole_process && bytes >= 1 << 20,
+            }
+    }
+
     #[test]
     fn self_check_passes_when_hardened_as_root() {
-        if !is_root() {
-            eprintln!("skipped: needs root (or CAP_IPC_LOCK)");
+        if !may_lock(false) {
+            eprintln!("skipped: needs CAP_IPC_LOCK (root) or RLIMIT_MEMLOCK >= 1 MiB");
             return;
         }
         run_child("harden_as_root", false);
@@ -1012,8 +1075,8 @@ mod tests {
 
     #[test]
     fn lock_all_is_verified_from_smaps() {
-        if !is_root() {
-            eprintln!("skipped: needs root for mlockall");
+        if !may_lock(true) {
+            eprintln!("skipped: mlockall needs CAP_IPC_LOCK (root) or an unlimited RLIMIT_MEMLOCK");
             return;
         }
         run_child("lock_all_as_root", false);

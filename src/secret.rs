@@ -32,8 +32,8 @@ pub mod sys;
 
 pub use allocator::{WipingAllocator, set_wipe_on_free, wipe_on_free};
 pub use buffer::{
-    BufferRegion, CanaryStatus, MAX_SECRET_BYTES, RegistryStats, SecureBuffer, check_canaries,
-    registry,
+    BufferRegion, CanaryStatus, MAX_SECRET_BYTES, PinnedRegistry, RegistryStats, SecureBuffer,
+    check_canaries, pin_registry, registry,
 };
 pub use error::SecretError;
 

@@ -63,7 +63,7 @@ pub struct ConnectionStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerStatus {
     pub state: &'static str,
-    /// Why it last tripped: "consecutive_failures", "failure_rate", "probe_failed", "slow_connection"; null if never.
+    /// Why it last tripped: "consecutive_failures", "failure_rate", "probe_failed", "connect_failure"; null if never.
     pub trip_reason: Option<&'static str>,
     pub time_in_state_ms: f64,
     pub transitions: u64,

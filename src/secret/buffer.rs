@@ -54,6 +54,8 @@ struct Inner {
     /// How many callers are inside `expose` (or a canary check). Guarded changes of the
     /// page protection happen while this lock is held.
     readers: Mutex<usize>,
+    /// How many times the pages were made accessible (first reader in, or a write).
+    windows_opened: AtomicU64,
 }
 
 // SAFETY: `Inner` owns its allocation exclusively (the pointer is never handed out beyond a
@@ -80,6 +82,9 @@ pub struct BufferRegion {
     pub excluded_from_dumps: bool,
     /// Whether a caller is inside `expose` right now (then the pages are readable).
     pub is_open: bool,
+    /// How many times the pages have been made accessible so far; a change between two
+    /// snapshots means the buffer was in use in between.
+    pub windows_opened: u64,
 }
 
 /// A snapshot of the registry of live buffers (for metrics, status and the self-check).
@@ -127,8 +132,56 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The live buffers, their regions and lock state, now.
 pub fn registry() -> RegistryStats {
+    pin_registry().stats
+}
+
+/// The live buffers, kept alive (not released) until this is dropped, so that a self-check
+/// can compare them with the kernel's view without a buffer disappearing in between.
+pub struct PinnedRegistry {
+    live: Vec<Arc<Inner>>,
+    stats: RegistryStats,
+}
+
+impl PinnedRegistry {
+    /// The snapshot taken when pinning.
+    pub fn stats(&self) -> &RegistryStats {
+        &self.stats
+    }
+
+    /// The pinned buffers' regions as they are now (open state and windows change).
+    pub fn regions_now(&self) -> Vec<BufferRegion> {
+        self.live.iter().map(|inner| inner.region()).collect()
+    }
+
+    /// Checks each pinned buffer's canary now (briefly opening it for reading).
+    pub fn check_canaries(&self) -> Vec<CanaryStatus> {
+        self.live
+            .iter()
+            .map(|inner| CanaryStatus {
+                id: inner.id,
+                label: inner.label.clone(),
+                intact: inner.canary_intact(),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for PinnedRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedRegistry")
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Pins every live buffer and snapshots the registry.
+pub fn pin_registry() -> PinnedRegistry {
     let live = live_buffers();
-    let regions: Vec<BufferRegion> = live.iter().map(|inner| inner.region()).collect();
+    let stats = stats_of(live.iter().map(|inner| inner.region()).collect());
+    PinnedRegistry { live, stats }
+}
+
+fn stats_of(regions: Vec<BufferRegion>) -> RegistryStats {
     RegistryStats {
         buffers: regions.len(),
         locked_bytes: regions
@@ -144,14 +197,7 @@ pub fn registry() -> RegistryStats {
 
 /// Checks every live buffer's canary now (briefly opening each buffer for reading).
 pub fn check_canaries() -> Vec<CanaryStatus> {
-    live_buffers()
-        .iter()
-        .map(|inner| CanaryStatus {
-            id: inner.id,
-            label: inner.label.clone(),
-            intact: inner.canary_intact(),
-        })
-        .collect()
+    pin_registry().check_canaries()
 }
 
 /// Strong references to the live buffers, taken under the registry lock and returned so that
@@ -451,6 +497,7 @@ impl Inner {
             lock_error: None,
             excluded_from_dumps: false,
             readers: Mutex::new(0),
+            windows_opened: AtomicU64::new(0),
         };
         // SAFETY: the canary lies inside our data region, readable right after malloc.
         let canary = unsafe { inner.read_canary() };
@@ -480,6 +527,7 @@ impl Inner {
             locked: self.lock_error.is_none(),
             excluded_from_dumps: self.excluded_from_dumps,
             is_open: *lock(&self.readers) > 0,
+            windows_opened: self.windows_opened.load(Ordering::Relaxed),
         }
     }
 
@@ -508,6 +556,7 @@ impl Inner {
             // (ENOMEM): reading would fault, so stop here instead.
             self.protect(libc::PROT_READ)
                 .expect("mprotect(PROT_READ) on a SecureBuffer's own pages");
+            self.windows_opened.fetch_add(1, Ordering::Relaxed);
         }
         *readers += 1;
         OpenGuard { inner: self }
@@ -535,6 +584,7 @@ impl Inner {
         let readers = lock(&self.readers);
         self.protect(libc::PROT_READ | libc::PROT_WRITE)
             .expect("mprotect(PROT_READ|PROT_WRITE) on a SecureBuffer's own pages");
+        self.windows_opened.fetch_add(1, Ordering::Relaxed);
         let result = write();
         if *readers == 0 {
             self.seal();
@@ -929,7 +979,7 @@ mod tests {
     }
 
     #[test]
-    fn require_locked_reports_how_to_fix_a_failed_lock() {
+    fn require_locked_passes_a_locked_buffer_through() {
         let buffer = SecureBuffer::from_slice(b"x").unwrap();
         assert!(buffer.require_locked().is_ok());
     }

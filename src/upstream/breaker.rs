@@ -43,7 +43,6 @@ pub enum TripReason {
     ConsecutiveFailures,
     FailureRate,
     ProbeFailed,
-    SlowConnection,
     ConnectFailure,
 }
 
@@ -53,16 +52,14 @@ impl TripReason {
             TripReason::ConsecutiveFailures => "consecutive_failures",
             TripReason::FailureRate => "failure_rate",
             TripReason::ProbeFailed => "probe_failed",
-            TripReason::SlowConnection => "slow_connection",
             TripReason::ConnectFailure => "connect_failure",
         }
     }
 
-    pub const ALL: [TripReason; 5] = [
+    pub const ALL: [TripReason; 4] = [
         TripReason::ConsecutiveFailures,
         TripReason::FailureRate,
         TripReason::ProbeFailed,
-        TripReason::SlowConnection,
         TripReason::ConnectFailure,
     ];
 }
@@ -235,7 +232,7 @@ impl Breaker {
         }
     }
 
-    /// Opens the breaker for an outside reason (slow connection, failed dial) unless open.
+    /// Opens the breaker for an outside reason (e.g. a failed dial) unless open.
     pub fn trip(&mut self, now: Instant, reason: TripReason) -> Option<Transition> {
         if self.state == BreakerState::Open {
             return None;
@@ -470,7 +467,7 @@ mod tests {
     async fn released_probe_frees_the_slot() {
         let start = Instant::now();
         let mut b = Breaker::new(cfg(), start);
-        b.trip(start, TripReason::SlowConnection);
+        b.trip(start, TripReason::ConnectFailure);
         tokio::time::advance(Duration::from_secs(5)).await;
         let now = Instant::now();
         let (p, _) = b.admit(now).unwrap();
