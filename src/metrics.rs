@@ -247,19 +247,20 @@ impl Metrics {
         );
         // Every known label value starts at zero, so rates have a baseline from the first scrape.
         for reason in ["never_sent", "idempotent"] {
-            retries.get_or_create(&[("reason", reason)]);
+            let _ = retries.get_or_create(&[("reason", reason)]);
         }
         for outcome in ["success", "failure"] {
-            attempt_duration.get_or_create(&[("outcome", outcome)]);
+            let _ = attempt_duration.get_or_create(&[("outcome", outcome)]);
         }
         for reason in ["connect", "timeout", "certificate"] {
-            tls_handshake_failures.get_or_create(&[("reason", reason)]);
+            let _ = tls_handshake_failures.get_or_create(&[("reason", reason)]);
         }
         for reason in TripReason::ALL {
-            breaker_transitions.get_or_create(&[("to", "open"), ("reason", reason.as_str())]);
+            let _ =
+                breaker_transitions.get_or_create(&[("to", "open"), ("reason", reason.as_str())]);
         }
         for to in ["half_open", "closed"] {
-            breaker_transitions.get_or_create(&[("to", to), ("reason", "recovered")]);
+            let _ = breaker_transitions.get_or_create(&[("to", to), ("reason", "recovered")]);
         }
         let slot_names = (0..pool_size)
             .map(|i| &*Box::leak(i.to_string().into_boxed_str()))
