@@ -56,7 +56,7 @@ pub fn install_default_provider() {
 }
 
 /// Longest a session ticket is kept for resumption.
-pub const TICKET_MAX_AGE: Duration = Duration::from_secs(3600);
+pub const TICKET_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Builds the client configuration from `[upstream]`; `pool_size` bounds the ticket store
 /// (at most one ticket per connection slot).
