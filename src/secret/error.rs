@@ -87,8 +87,8 @@ impl fmt::Display for SecretError {
             ErrorKind::InsecurePermissions { mode, path } => write!(
                 f,
                 "permission mode {mode:04o} is too open (group/others may access it); \
-                 run `chmod 600 {path}` (in Kubernetes set `defaultMode: 0400` on the secret \
-                 volume), or set allow_insecure_permissions = true to accept it"
+                 run `chmod 600 {path}`, or set allow_insecure_permissions = true to accept it \
+                 (Kubernetes Secret volumes with fsGroup are 0440: the Helm chart sets it)"
             ),
             ErrorKind::NotARegularFile => write!(f, "not a regular file"),
             ErrorKind::Empty => write!(f, "is empty (nothing but whitespace)"),
