@@ -47,6 +47,12 @@ use sampler::Sampler;
 const OPENAPI: &str = include_str!("admin/openapi.json");
 const DOCS_HTML: &str = include_str!("admin/docs.html");
 const DASHBOARD_HTML: &str = include_str!("admin/dashboard.html");
+/// The pages are self-contained: inline script and style only, API calls to this origin only.
+const PAGE_CSP: &str = concat!(
+    "default-src 'none'; ",
+    "script-src 'unsafe-inline'; style-src 'unsafe-inline'; ", // inline only, nothing remote
+    "connect-src 'self'; img-src 'self' data:",
+);
 
 /// What the memory-protection endpoints report; implemented over `hardening` by `app`.
 pub trait MemoryReport: Send + Sync {
@@ -257,9 +263,7 @@ fn html(body: &'static str) -> Response<Full<Bytes>> {
     );
     r.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
-        ),
+        HeaderValue::from_static(PAGE_CSP),
     );
     r.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
