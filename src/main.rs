@@ -164,6 +164,9 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
 }
 
 fn main() -> ExitCode {
+    // Wipe freed memory from the very start (configuration loading copies the environment,
+    // which may hold the token); `[memory] wipe_freed_memory` may turn it off afterwards.
+    secret::set_wipe_on_free(true);
     let cli = Cli::parse();
     let result = match &cli.command {
         None => run(&cli.run),

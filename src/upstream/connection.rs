@@ -599,7 +599,41 @@ pub async fn dial(
                     c.mark_closed();
                 }
             });
-            if let Some(ping) = ping {
+            if let Some(mut ping) = ping {
+                // A first PING proves the relay accepted the connection: under TLS 1.3 a
+                // rejected client certificate only shows after the handshake "succeeded".
+                let start = Instant::now();
+                match tokio::time::timeout(
+                    pool.tls_handshake_timeout,
+                    ping.ping(h2::Ping::opaque()),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        let rtt = start.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64;
+                        conn.stats.ping_rtt_us.store(rtt, Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        return Err(DialError {
+                            detail: format!(
+                                "relay closed the connection right after the TLS handshake ({e}); \
+                                 a required client certificate may be missing or rejected"
+                            ),
+                            certificate: false,
+                            timeout: false,
+                        });
+                    }
+                    Err(_) => {
+                        return Err(DialError {
+                            detail: format!(
+                                "relay did not answer the first HTTP/2 PING within {:?} (pool.tls_handshake_timeout)",
+                                pool.tls_handshake_timeout
+                            ),
+                            certificate: false,
+                            timeout: true,
+                        });
+                    }
+                }
                 tokio::spawn(ping_loop(Arc::downgrade(&conn), ping, pool.ping_interval));
             }
             Ok(conn)

@@ -618,7 +618,6 @@ async fn supervise(
         let delay = match dialed {
             Ok(conn) => {
                 p.metrics.tls_handshake(None);
-                backoff.reset();
                 if ever_connected {
                     slot.reconnects.fetch_add(1, Ordering::Relaxed);
                     p.metrics.reconnect();
@@ -653,18 +652,38 @@ async fn supervise(
                 drop(p);
                 tokio::select! {
                     _ = conn.closed() => {
-                        info!("relay connection closed; re-dialing");
-                        if let Some(p) = pool.upgrade() {
-                            p.changed.notify_waiters();
+                        let Some(p) = pool.upgrade() else { return };
+                        p.changed.notify_waiters();
+                        if is_proven(&conn) {
+                            info!("relay connection closed; re-dialing");
+                            backoff.reset();
+                        } else {
+                            // Closed before it ever served: as good as a failed dial, so the
+                            // backoff keeps growing and the breaker counts it.
+                            warn!("relay closed a new connection before it served anything");
+                            slot.errors.fetch_add(1, Ordering::Relaxed);
+                            let t = slot.with_breaker(|b| b.on_connect_failure(Instant::now()));
+                            if let Some(t) = t {
+                                p.on_transition(&slot, t);
+                            }
+                            if let Ok(mut last) = slot.last_error.lock() {
+                                *last = Some(DialError {
+                                    detail: "relay closed the connection before it served a request".into(),
+                                    certificate: false,
+                                    timeout: false,
+                                });
+                            }
                         }
                         Some(backoff.next_delay())
                     }
                     _ = tokio::time::sleep(age) => {
                         info!(age_secs = age.as_secs(), "rotating relay connection");
+                        backoff.reset();
                         None
                     }
                     _ = slot.eject.notified() => {
-                        info!("ejecting slow relay connection");
+                        info!("replacing relay connection (slow, or the credential changed)");
+                        backoff.reset();
                         None
                     }
                     _ = shutdown.changed() => return,
@@ -716,6 +735,17 @@ async fn supervise(
             }
         }
     }
+}
+
+/// A connection has proven itself once it answered a PING (HTTP/2) or a request, or stayed up for
+/// [`PROVING_PERIOD`]; one that closes before is treated as a failed dial.
+pub const PROVING_PERIOD: Duration = Duration::from_secs(2);
+
+fn is_proven(conn: &Connection) -> bool {
+    // HTTP/2 connections are only installed after the relay answered a first PING.
+    conn.protocol == super::connection::Protocol::H2
+        || conn.latency.samples() > 0
+        || conn.connected_instant.elapsed() >= PROVING_PERIOD
 }
 
 /// Every second: a connection whose p95 over the window exceeds `slow_ejection_ratio` times

@@ -37,6 +37,10 @@ pub struct SidecarBuilder {
     dir: TempDir,
     /// Keeps the PKI (and its ca.pem) alive as long as the sidecar.
     pki: Option<Arc<Pki>>,
+    /// Programs that exec the binary (`prlimit …`, `setpriv …`); empty: run it directly.
+    wrapper: Vec<String>,
+    /// The binary to run instead of [`BINARY`] (e.g. a copy another user may execute).
+    binary: Option<PathBuf>,
 }
 
 impl Default for SidecarBuilder {
@@ -56,6 +60,8 @@ impl SidecarBuilder {
             args: Vec::new(),
             dir: tempfile::tempdir().expect("a temporary directory can be created"),
             pki: None,
+            wrapper: Vec::new(),
+            binary: None,
         };
         builder = builder
             .set_str("listener", "address", "127.0.0.1:0")
@@ -141,6 +147,21 @@ impl SidecarBuilder {
         self
     }
 
+    /// Runs the binary through `wrapper` (a program and its arguments that end by exec'ing
+    /// the binary, such as `prlimit --memlock=0:0 setpriv --reuid=65534 …`); the process id
+    /// stays the binary's as long as every wrapper execs.
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|part| part.to_string()).collect();
+        self
+    }
+
+    /// Runs `path` instead of the binary Cargo built (a copy in a directory another user can
+    /// reach).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
     /// The temporary directory holding the config (and any file written with
     /// [`SidecarBuilder::write_file`]).
     pub fn dir(&self) -> &Path {
@@ -176,7 +197,15 @@ impl SidecarBuilder {
     }
 
     fn command(&self, args: &[String]) -> Command {
-        let mut command = Command::new(BINARY);
+        let binary = self.binary.clone().unwrap_or_else(|| PathBuf::from(BINARY));
+        let mut command = match self.wrapper.split_first() {
+            None => Command::new(&binary),
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&binary);
+                command
+            }
+        };
         command.args(args);
         for (key, _) in std::env::vars() {
             if key.starts_with("SPRINT_SIDECAR_") {
