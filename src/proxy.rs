@@ -34,19 +34,6 @@ use crate::upstream::{OutgoingBody, OutgoingHead, Upstream, UpstreamError};
 /// retried; larger or chunked bodies are streamed and sent once.
 pub const REPLAYABLE_BODY_LIMIT: u64 = 64 * 1024;
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), plus the
-/// proxy credentials of this hop.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
 /// What the request handler needs, shared by all client connections.
 pub struct DataPlane {
     upstream: Arc<Upstream>,
@@ -376,19 +363,34 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names, and
-/// `TE` unless it is exactly `trailers`.
+/// `TE` unless it is exactly `trailers`. One scan over the few names present first: most
+/// requests and responses carry none, and then nothing else is done.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            // `keep-alive` is hop-by-hop itself and removed below: no HeaderName needed.
+            if token.eq_ignore_ascii_case("keep-alive") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) && *name != header::TE)
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
     let te_trailers = headers
@@ -397,6 +399,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(header::TE);
     }
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1), plus this hop's
+/// proxy credentials.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// A streamed client body that errors once it grows past `listener.max_body_bytes`

@@ -301,12 +301,24 @@ impl Connection {
         };
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
-        let (response, stream) = sender
+        let (response, mut stream) = sender
             .send_request(Request::from_parts(parts, ()), end)
             .map_err(|e| h2_error(&e, true))?;
         if !end {
-            let counter = guard.conn.clone();
-            tokio::spawn(pump_body(body, stream, counter));
+            match body {
+                // A buffered body (at most 64 KiB) goes in one frame sequence right away: h2
+                // queues what exceeds the window and flushes it as capacity arrives.
+                AttemptBody::Full(Some(bytes)) => {
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    let _ = stream.send_data(bytes, true);
+                }
+                streamed => {
+                    let counter = guard.conn.clone();
+                    tokio::spawn(pump_body(streamed, stream, counter));
+                }
+            }
         }
         let resp = response.await.map_err(|e| h2_error(&e, false))?;
         let (parts, recv) = resp.into_parts();
