@@ -346,8 +346,3 @@ impl Upstream {
         }
     }
 }
-
-/// An empty response body, for callers that need the type.
-pub fn empty_body() -> ResponseBody {
-    ResponseBody::empty()
-}

@@ -197,7 +197,6 @@ pub struct Pool {
     changed: Arc<Notify>,
     metrics: Metrics,
     origin: Instant,
-    origin_wall: SystemTime,
     generation: AtomicU64,
     closed_bytes: (AtomicU64, AtomicU64),
 }
@@ -223,7 +222,6 @@ impl Pool {
             changed: Arc::new(Notify::new()),
             metrics,
             origin: now,
-            origin_wall: SystemTime::now(),
             generation: AtomicU64::new(0),
             closed_bytes: (AtomicU64::new(0), AtomicU64::new(0)),
         })
@@ -528,11 +526,6 @@ impl Pool {
             self.closed_bytes.0.load(Ordering::Relaxed),
             self.closed_bytes.1.load(Ordering::Relaxed),
         )
-    }
-
-    /// Wall-clock start of the pool.
-    pub fn started_at(&self) -> SystemTime {
-        self.origin_wall
     }
 
     /// Graceful close at shutdown: no new requests, in-flight ones finish (until
