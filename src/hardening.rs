@@ -863,7 +863,9 @@ fn wipe_round_trip(buffer: &mut SecureBuffer, pattern: &[u8]) -> Result<String, 
     if !buffer.expose(|bytes| bytes == pattern) {
         return Err("the pattern written to the scratch buffer did not read back".to_owned());
     }
-    buffer.wipe();
+    if !buffer.wipe() {
+        return Err("the scratch buffer has a shared view and cannot be wiped".to_owned());
+    }
     let nonzero = buffer.expose(|bytes| bytes.iter().filter(|&&b| b != 0).count());
     if nonzero == 0 {
         Ok(format!(

@@ -52,6 +52,20 @@ pub fn header_value(secret: &SecureBuffer) -> Result<http::HeaderValue, SecretEr
     Ok(value)
 }
 
+/// Like [`header_value`], without the copy: the value points into the buffer's own pages
+/// (see [`SecureBuffer::shared_bytes`]), which stay readable while any clone of it lives and
+/// are sealed again when the last one drops. Cloning it per request costs a reference count,
+/// not two `mprotect` calls and an allocation.
+///
+/// # Errors
+/// As [`header_value`].
+pub fn shared_header_value(secret: &SecureBuffer) -> Result<http::HeaderValue, SecretError> {
+    let mut value = http::HeaderValue::from_maybe_shared(secret.shared_bytes())
+        .map_err(|_| SecretError::invalid_header_value(secret.label()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +77,41 @@ mod tests {
         assert!(value.is_sensitive());
         assert_eq!(value.as_bytes(), b"Bearer s3cr3t-token");
         assert!(!format!("{value:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn shared_header_value_borrows_the_pages_and_seals_them_when_the_last_clone_drops() {
+        let mut token = SecureBuffer::from_slice(b"Bearer s3cr3t-token").unwrap();
+        assert!(!token.region().is_open);
+        let value = shared_header_value(&token).unwrap();
+        assert!(value.is_sensitive());
+        assert_eq!(value.as_bytes(), b"Bearer s3cr3t-token");
+        let data = token.region().data;
+        assert!(
+            data.contains(&(value.as_bytes().as_ptr() as usize)),
+            "no copy was made"
+        );
+        assert!(token.region().is_open);
+        assert!(!format!("{value:?}").contains("s3cr3t"));
+        let clone = value.clone();
+        drop(value);
+        assert!(token.region().is_open, "a clone still reads the pages");
+        assert!(!token.wipe(), "no wipe under a live view");
+        assert_eq!(clone.as_bytes(), b"Bearer s3cr3t-token");
+        drop(clone);
+        assert!(
+            !token.region().is_open,
+            "sealed once the last clone is gone"
+        );
+        assert!(token.wipe());
+    }
+
+    #[test]
+    fn shared_header_value_rejects_control_characters_without_echoing_them() {
+        let token = SecureBuffer::from_slice(b"Bearer a\x01b-s3cr3t").unwrap();
+        let error = shared_header_value(&token).unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        assert!(!token.region().is_open, "the rejected view was dropped");
     }
 
     #[test]

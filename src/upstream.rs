@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod coalesce;
 pub mod connection;
 pub mod pool;
 pub mod retry;

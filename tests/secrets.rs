@@ -598,11 +598,29 @@ fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
     found
 }
 
+/// Scans `pid` until a raw copy of the token sits in a sealed SecureBuffer, or for at most
+/// 5 s, and returns the last scan. While requests flow the token's pages are readable; they
+/// are sealed 250–500 ms after the last request (`credential::SEAL_AFTER_IDLE`).
+fn scan_until_sealed(pid: u32, token: &Token) -> Scan {
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scan = scan_memory(pid, &token.needles());
+        let sealed = scan
+            .hits
+            .iter()
+            .any(|hit| hit.form == "raw" && hit.mapping.is_sealed_secure_buffer());
+        if sealed || Instant::now() >= give_up {
+            return scan;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Asserts what a scan of `pid` finds for the current `token`: at least one copy in a
-/// sealed, locked, dump-excluded mapping (its SecureBuffer); with `lock_all`, every copy in
-/// locked pages.
+/// sealed, locked, dump-excluded mapping (its SecureBuffer) once traffic has paused; with
+/// `lock_all`, every copy in locked pages.
 fn assert_current_token_protected(pid: u32, token: &Token, lock_all: bool) {
-    let scan = scan_memory(pid, &token.needles());
+    let scan = scan_until_sealed(pid, token);
     assert!(
         scan.hits
             .iter()
@@ -1051,7 +1069,7 @@ async fn token_from_the_environment_leaves_no_raw_copy_outside_its_secure_buffer
     sidecar.wait_ready().await;
     traffic(&sidecar, 20).await;
     let pid = sidecar.pid().expect("the sidecar runs");
-    let scan = scan_memory(pid, &token.needles());
+    let scan = scan_until_sealed(pid, &token);
     let outside: Vec<&Hit> = scan
         .hits
         .iter()

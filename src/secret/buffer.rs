@@ -10,8 +10,10 @@ use std::ops::Range;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+
+use bytes::Bytes;
 
 use super::allocator::wipe_bytes;
 use super::error::{ErrorKind, SecretError};
@@ -56,6 +58,8 @@ struct Inner {
     readers: Mutex<usize>,
     /// How many times the pages were made accessible (first reader in, or a write).
     windows_opened: AtomicU64,
+    /// Live [`SecureBuffer::shared_bytes`] views (each also counts as a reader).
+    views: AtomicUsize,
 }
 
 // SAFETY: `Inner` owns its allocation exclusively (the pointer is never handed out beyond a
@@ -376,9 +380,25 @@ impl SecureBuffer {
         read(bytes)
     }
 
+    /// The secret as [`Bytes`] that borrow the buffer's own pages — no copy. While any clone
+    /// of the returned value lives, the pages stay readable (`PROT_READ`, still locked,
+    /// guarded and dump-excluded); when the last clone drops they are sealed again. This is
+    /// `expose` for a value that must outlive a closure, such as a header value cached for a
+    /// burst of requests; the holder decides how long the window stays open.
+    pub fn shared_bytes(&self) -> Bytes {
+        Bytes::from_owner(View::new(self.inner.clone()))
+    }
+
     /// Zeroes the secret in place; `expose` then shows zeroes (the self-check's round trip).
-    pub fn wipe(&mut self) {
+    /// Returns false, and changes nothing, while a [`shared_bytes`](Self::shared_bytes) view
+    /// is alive: its readers must never see the bytes change under them.
+    #[must_use]
+    pub fn wipe(&mut self) -> bool {
+        if self.inner.views.load(Ordering::Acquire) > 0 {
+            return false;
+        }
         self.inner.wipe();
+        true
     }
 
     /// Length of the secret in bytes.
@@ -498,6 +518,7 @@ impl Inner {
             excluded_from_dumps: false,
             readers: Mutex::new(0),
             windows_opened: AtomicU64::new(0),
+            views: AtomicUsize::new(0),
         };
         // SAFETY: the canary lies inside our data region, readable right after malloc.
         let canary = unsafe { inner.read_canary() };
@@ -635,6 +656,37 @@ impl Inner {
 
 struct OpenGuard<'a> {
     inner: &'a Inner,
+}
+
+/// The owner behind [`SecureBuffer::shared_bytes`]: one reader registration held for as long
+/// as `Bytes` clones point into the pages.
+struct View {
+    inner: Arc<Inner>,
+}
+
+impl View {
+    fn new(inner: Arc<Inner>) -> View {
+        // Count the view before the pages open, so `wipe` never runs while it exists.
+        inner.views.fetch_add(1, Ordering::AcqRel);
+        std::mem::forget(inner.open());
+        View { inner }
+    }
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the reader registration taken in `View::new` keeps the pages readable until
+        // `drop`; the bytes are initialised, and `wipe` refuses to write while a view exists
+        // (the only other writer, `Inner::drop`, cannot run while this `Arc` lives).
+        unsafe { std::slice::from_raw_parts(self.inner.bytes.as_ptr(), self.inner.len) }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        self.inner.close();
+        self.inner.views.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Drop for OpenGuard<'_> {
@@ -869,7 +921,7 @@ mod tests {
     #[test]
     fn wipe_zeroes_the_bytes_before_release() {
         let mut buffer = SecureBuffer::from_slice(&[0xA5; 100]).unwrap();
-        buffer.wipe();
+        assert!(buffer.wipe());
         buffer.expose(|bytes| assert!(bytes.iter().all(|&b| b == 0)));
         assert_eq!(data_mapping(&buffer.region())[0].perms, "---p");
     }

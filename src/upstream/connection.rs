@@ -19,6 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::UpstreamError;
+use super::coalesce::Coalesce;
 use crate::config::{Config, Endpoint};
 use crate::latency::LatencyWindow;
 use crate::tls::{TlsSetup, describe_handshake_error};
@@ -593,7 +594,7 @@ pub async fn dial(
                 .initial_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20)
                 .max_frame_size(64 * 1024)
-                .handshake::<_, Bytes>(stream)
+                .handshake::<_, Bytes>(Coalesce::new(stream))
                 .await
                 .map_err(|e| handshake_failed(&e))?;
             let ping = connection.ping_pong();
