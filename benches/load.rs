@@ -37,8 +37,10 @@
 //! (2), `LOAD_SLOW_SECONDS` (6), `LOAD_SLOW_WARMUP` (4: time for the sidecar to find and
 //! eject a slow connection), `LOAD_CLIENTS` (64), `LOAD_MAX_REQUESTS` (per scenario,
 //! 5 000 000), `LOAD_SLOW_MS` (50), `NGINX_KEEPALIVE` (comma list, `16,64`),
-//! `NGINX_SLOW_KEEPALIVE` (comma list, `4`), `LOAD_SCENARIOS` (comma list; default `direct,
-//! nginx,sidecar,sidecar-nowipe,slow-nginx,slow-sidecar,slowpath-nginx,slowpath-sidecar`;
+//! `NGINX_SLOW_KEEPALIVE` (comma list, `4`), `LOAD_ROUNDS` (3: the healthy scenarios run that
+//! many times, interleaved, and the table shows per-column medians), `LOAD_SCENARIOS` (comma
+//! list; default `direct, nginx,sidecar,sidecar-nowipe,slow-nginx,slow-sidecar,slowpath-nginx,
+//! slowpath-sidecar`;
 //! `sidecar-http1`, the sidecar speaking HTTP/1.1 to the relay over one pool connection per
 //! client, runs only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
 //! everything), `NGINX` (default `/usr/sbin/nginx`), `SIDECAR_BIN` (must be the binary Cargo
@@ -93,6 +95,8 @@ struct Settings {
     slow_seconds: f64,
     slow_warmup: f64,
     clients: usize,
+    /// Healthy scenarios run this many times, interleaved; the tables show per-field medians.
+    rounds: usize,
     max_requests: u64,
     slow_delay: Duration,
     nginx_keepalives: Vec<u32>,
@@ -173,6 +177,7 @@ impl Settings {
             slow_seconds: env_or("LOAD_SLOW_SECONDS", 6.0)?,
             slow_warmup: env_or("LOAD_SLOW_WARMUP", 4.0)?,
             clients: env_or("LOAD_CLIENTS", 64)?,
+            rounds: env_or("LOAD_ROUNDS", 3)?,
             max_requests: env_or("LOAD_MAX_REQUESTS", 5_000_000)?,
             slow_delay: Duration::from_millis(env_or("LOAD_SLOW_MS", 50)?),
             nginx_keepalives,
@@ -195,6 +200,9 @@ impl Settings {
             || settings.slow_seconds == 0.0
         {
             return Err("LOAD_SECONDS and LOAD_SLOW_SECONDS must be > 0, warm-ups >= 0".to_owned());
+        }
+        if settings.rounds == 0 {
+            return Err("LOAD_ROUNDS must be at least 1".to_owned());
         }
         if settings.clients == 0 {
             return Err("LOAD_CLIENTS must be at least 1".to_owned());
@@ -518,6 +526,62 @@ impl Measured {
     fn cpu_per_10k(&self) -> Option<f64> {
         self.proxy_cpu_s
             .map(|cpu| cpu / self.requests.max(1) as f64 * 10_000.0)
+    }
+
+    /// The per-field median of several rounds of one scenario (each column on its own, so a
+    /// single disturbed round moves nothing). CPU is rescaled so that CPU s/10k and the busy
+    /// share are the medians of those columns.
+    fn median(name: &str, rounds: &[&Measured]) -> Measured {
+        fn mid(mut values: Vec<f64>) -> f64 {
+            values.sort_by(f64::total_cmp);
+            let n = values.len();
+            if n == 0 {
+                0.0
+            } else if n % 2 == 1 {
+                values[n / 2]
+            } else {
+                (values[n / 2 - 1] + values[n / 2]) / 2.0
+            }
+        }
+        let field = |f: &dyn Fn(&Measured) -> f64| mid(rounds.iter().map(|m| f(m)).collect());
+        let window_seconds = field(&|m| m.window_seconds);
+        let rps = field(&|m| m.rps);
+        let requests = (rps * window_seconds).round() as u64;
+        let cpu_10k = rounds
+            .iter()
+            .map(|m| m.cpu_per_10k())
+            .collect::<Option<Vec<f64>>>()
+            .map(mid);
+        let optional = |f: &dyn Fn(&Measured) -> Option<u64>| {
+            rounds
+                .iter()
+                .map(|m| f(m))
+                .collect::<Option<Vec<u64>>>()
+                .map(|values| mid(values.iter().map(|v| *v as f64).collect()).round() as u64)
+        };
+        Measured {
+            name: name.to_owned(),
+            requests,
+            errors: rounds.iter().map(|m| m.errors).sum(),
+            window_seconds,
+            rps,
+            p50_ms: field(&|m| m.p50_ms),
+            p99_ms: field(&|m| m.p99_ms),
+            p999_ms: field(&|m| m.p999_ms),
+            proxy_cpu_s: cpu_10k.map(|cpu| cpu * requests.max(1) as f64 / 10_000.0),
+            peak_rss_kib: optional(&|m| m.peak_rss_kib),
+            load_core_busy: field(&|m| m.load_core_busy),
+            relay_handshakes: optional(&|m| Some(m.relay_handshakes)).unwrap_or(0),
+            proxy_io_syscalls: rounds
+                .iter()
+                .map(|m| {
+                    m.proxy_io_syscalls
+                        .map(|count| count as f64 / m.requests.max(1) as f64)
+                })
+                .collect::<Option<Vec<f64>>>()
+                .map(|per_request| (mid(per_request) * requests as f64).round() as u64),
+            slow: None,
+        }
     }
 }
 
@@ -1381,26 +1445,44 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     };
     let settings = &bench.settings;
 
-    let mut healthy: Vec<Measured> = Vec::new();
+    // Healthy scenarios run in interleaved rounds (nginx, sidecar, nginx, sidecar, ...) so
+    // that drift of the machine (other tenants, frequency) hits both alike.
+    let mut runs: Vec<Measured> = Vec::new();
     let mut slow: Vec<Measured> = Vec::new();
-    if settings.wants("direct") {
-        healthy.push(bench.direct().await);
-    }
-    if settings.wants("nginx") {
-        for keepalive in &settings.nginx_keepalives {
-            healthy.push(bench.nginx(*keepalive, None).await?);
+    for round in 1..=settings.rounds {
+        eprintln!("[load] round {round} of {}", settings.rounds);
+        if settings.wants("direct") {
+            runs.push(bench.direct().await);
+        }
+        if settings.wants("nginx") {
+            for keepalive in &settings.nginx_keepalives {
+                runs.push(bench.nginx(*keepalive, None).await?);
+            }
+        }
+        if settings.wants("sidecar") {
+            runs.push(bench.sidecar(true, None, None).await?);
+        }
+        if settings.wants("sidecar-nowipe") {
+            runs.push(bench.sidecar(false, None, None).await?);
+        }
+        if settings.wants("sidecar-http1") {
+            let pool = settings.clients.min(256);
+            runs.push(bench.sidecar(true, Some(pool), None).await?);
         }
     }
-    if settings.wants("sidecar") {
-        healthy.push(bench.sidecar(true, None, None).await?);
+    let mut names: Vec<&str> = Vec::new();
+    for m in &runs {
+        if !names.contains(&m.name.as_str()) {
+            names.push(&m.name);
+        }
     }
-    if settings.wants("sidecar-nowipe") {
-        healthy.push(bench.sidecar(false, None, None).await?);
-    }
-    if settings.wants("sidecar-http1") {
-        let pool = settings.clients.min(256);
-        healthy.push(bench.sidecar(true, Some(pool), None).await?);
-    }
+    let healthy: Vec<Measured> = names
+        .iter()
+        .map(|name| {
+            let rounds: Vec<&Measured> = runs.iter().filter(|m| m.name == *name).collect();
+            Measured::median(name, &rounds)
+        })
+        .collect();
     for keepalive in &settings.nginx_slow_keepalives {
         if settings.wants("slow-nginx") {
             slow.push(bench.nginx(*keepalive, Some("one")).await?);
@@ -1420,7 +1502,18 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     janitor.abort();
     wait_relay_idle(&bench.relay).await;
 
-    println!("\n== healthy relay ==");
+    if settings.rounds > 1 {
+        println!("\n== healthy relay, each round ==");
+        print_table(&runs);
+    }
+    println!(
+        "\n== healthy relay{} ==",
+        if settings.rounds > 1 {
+            format!(", median of {} rounds per column", settings.rounds)
+        } else {
+            String::new()
+        }
+    );
     print_table(&healthy);
     println!("\nratios:");
     let sidecar = find(&healthy, "sprint-sidecar (wipe on");
