@@ -4,8 +4,8 @@
 //! clonable [`Metrics`] handle. Two registries: the pool's families (served alone at
 //! `/api/v1/secure-channel/metrics`) and the service's; `/metrics` serves both.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -26,7 +26,6 @@ struct Inner {
     pool: Registry,
     requests: Family<Labels2, Counter>,
     request_duration: Histogram,
-    attempt_duration: Family<Labels1, Histogram>,
     retries: Family<Labels1, Counter>,
     retry_budget_exhausted: Counter,
     in_flight: Gauge,
@@ -46,6 +45,12 @@ struct Inner {
     locked_bytes: Gauge,
     self_check_passed: Gauge,
     slot_names: Vec<&'static str>,
+    /// Hot-path handles: the `requests` series per (method class, status class), resolved
+    /// on first use, and the two attempt histograms; each shares its value with the family,
+    /// so a request costs no label hashing or family lock.
+    request_series: [OnceLock<Counter>; METHOD_CLASSES.len() * STATUS_CLASSES.len()],
+    attempt_success: Histogram,
+    attempt_failure: Histogram,
     answered: AtomicU64,
     answered_5xx: AtomicU64,
 }
@@ -64,26 +69,40 @@ impl std::fmt::Debug for Metrics {
 
 /// Bounded method label.
 pub fn method_class(m: &http::Method) -> &'static str {
+    METHOD_CLASSES[method_index(m)]
+}
+
+const METHOD_CLASSES: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER",
+];
+
+fn method_index(m: &http::Method) -> usize {
     match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::PATCH => "PATCH",
-        _ => "OTHER",
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::HEAD => 4,
+        http::Method::OPTIONS => 5,
+        http::Method::PATCH => 6,
+        _ => 7,
     }
 }
 
 /// Bounded status label: `2xx`, `4xx`, ...
 pub fn status_class(status: u16) -> &'static str {
+    STATUS_CLASSES[status_index(status)]
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn status_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -249,9 +268,12 @@ impl Metrics {
         for reason in ["never_sent", "idempotent"] {
             let _ = retries.get_or_create(&[("reason", reason)]);
         }
-        for outcome in ["success", "failure"] {
-            let _ = attempt_duration.get_or_create(&[("outcome", outcome)]);
-        }
+        let attempt_success = attempt_duration
+            .get_or_create(&[("outcome", "success")])
+            .clone();
+        let attempt_failure = attempt_duration
+            .get_or_create(&[("outcome", "failure")])
+            .clone();
         for reason in ["connect", "timeout", "certificate"] {
             let _ = tls_handshake_failures.get_or_create(&[("reason", reason)]);
         }
@@ -271,7 +293,6 @@ impl Metrics {
                 pool,
                 requests,
                 request_duration,
-                attempt_duration,
                 retries,
                 retry_budget_exhausted,
                 in_flight,
@@ -291,6 +312,9 @@ impl Metrics {
                 locked_bytes,
                 self_check_passed,
                 slot_names,
+                request_series: std::array::from_fn(|_| OnceLock::new()),
+                attempt_success,
+                attempt_failure,
                 answered: AtomicU64::new(0),
                 answered_5xx: AtomicU64::new(0),
             }),
@@ -299,11 +323,16 @@ impl Metrics {
 
     pub fn request_finished(&self, method: &http::Method, status: u16, elapsed: Duration) {
         let i = &self.inner;
-        i.requests
-            .get_or_create(&[
-                ("method", method_class(method)),
-                ("status_class", status_class(status)),
-            ])
+        let (m, s) = (method_index(method), status_index(status));
+        i.request_series[m * STATUS_CLASSES.len() + s]
+            .get_or_init(|| {
+                i.requests
+                    .get_or_create(&[
+                        ("method", METHOD_CLASSES[m]),
+                        ("status_class", STATUS_CLASSES[s]),
+                    ])
+                    .clone()
+            })
             .inc();
         i.request_duration.observe(elapsed.as_secs_f64());
         i.answered.fetch_add(1, Ordering::Relaxed);
@@ -331,11 +360,12 @@ impl Metrics {
     }
 
     pub fn attempt(&self, success: bool, elapsed: Duration) {
-        let outcome = if success { "success" } else { "failure" };
-        self.inner
-            .attempt_duration
-            .get_or_create(&[("outcome", outcome)])
-            .observe(elapsed.as_secs_f64());
+        let histogram = if success {
+            &self.inner.attempt_success
+        } else {
+            &self.inner.attempt_failure
+        };
+        histogram.observe(elapsed.as_secs_f64());
     }
 
     pub fn retry(&self, reason: &'static str) {

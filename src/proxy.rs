@@ -39,7 +39,9 @@ pub struct DataPlane {
     upstream: Arc<Upstream>,
     cfg: Arc<Config>,
     metrics: Metrics,
-    authority: String,
+    /// The relay's authority, parsed once (`None` if the configured name cannot be one; every
+    /// request then gets a 502 naming it).
+    authority: Option<http::uri::Authority>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -52,7 +54,7 @@ impl std::fmt::Debug for DataPlane {
 
 impl DataPlane {
     pub fn new(upstream: Arc<Upstream>, cfg: Arc<Config>, metrics: Metrics) -> Self {
-        let authority = cfg.upstream.authority();
+        let authority = http::uri::Authority::try_from(cfg.upstream.authority()).ok();
         DataPlane {
             upstream,
             cfg,
@@ -237,13 +239,24 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         ));
     }
     let (parts, incoming) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = match http::Uri::builder()
-        .scheme("https")
-        .authority(plane.authority.as_str())
-        .path_and_query(path)
-        .build()
-    {
+    let Some(authority) = plane.authority.clone() else {
+        return local(json_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed",
+            &format!(
+                "upstream.server_name {:?} is not a valid URI authority",
+                cfg.upstream.server_name
+            ),
+        ));
+    };
+    // Path and query move over as parsed by hyper: no re-parsing, no copy.
+    let mut target = parts.uri.into_parts();
+    target.scheme = Some(http::uri::Scheme::HTTPS);
+    target.authority = Some(authority);
+    if target.path_and_query.is_none() {
+        target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    let uri = match http::Uri::from_parts(target) {
         Ok(u) => u,
         Err(e) => {
             return local(json_error(
@@ -264,7 +277,8 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         headers,
         idempotency_key,
     };
-    let exceeded = Arc::new(AtomicBool::new(false));
+    // Set by a streamed body that grows past the limit (buffered bodies are checked above).
+    let mut exceeded: Option<Arc<AtomicBool>> = None;
     let deadline = start + cfg.listener.request_deadline;
     let body = if incoming.is_end_stream() {
         OutgoingBody::Replayable(Bytes::new())
@@ -292,11 +306,13 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             }
         }
     } else {
+        let flag = Arc::new(AtomicBool::new(false));
+        exceeded = Some(flag.clone());
         let limited = LimitedBody {
             inner: incoming,
             seen: 0,
             limit,
-            exceeded: exceeded.clone(),
+            exceeded: flag,
             metrics: plane.metrics.clone(),
         };
         OutgoingBody::Streaming(limited.boxed_unsync())
@@ -313,7 +329,7 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
                 },
             )
         }
-        Err(_) if exceeded.load(Ordering::Acquire) => local(json_error(
+        Err(_) if exceeded.is_some_and(|flag| flag.load(Ordering::Acquire)) => local(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),

@@ -26,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use sprint_sidecar::upstream::coalesce::Coalesce;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -715,20 +716,22 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
         let inner = service_inner.clone();
         async move { Ok::<_, Infallible>(handle(inner, id, request).await) }
     });
-    let io = TokioIo::new(tls);
     let speaks_h2 = match alpn.as_deref() {
         Some("h2") => true,
         Some(_) => false,
         None => inner.protocol == Proto::H2,
     };
     if speaks_h2 {
+        // Like a production h2 server (nginx, envoy), the relay writes the answers that are
+        // ready in one event-loop turn together instead of one TLS record per stream.
+        let io = TokioIo::new(Coalesce::new(tls));
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(io, service)
             .await;
     } else {
         let _ = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(io, service)
+            .serve_connection(TokioIo::new(tls), service)
             .await;
     }
 }
