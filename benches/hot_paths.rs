@@ -8,8 +8,10 @@
 //!  breaker          Breaker::admit + on_success, bare and behind the Mutex the pool uses
 //!  retry_budget     RetryBudget::record_request (every request) and try_withdraw (failures)
 //!  hop_by_hop       proxy::strip_hop_by_hop on typical request/response header maps
-//!  credential       secret::header_value on the live buffer (what each request pays),
-//!                   SecureBuffer::from_slice + header_value, a plain Vec, a cached clone
+//!  credential       TokenCredential::header_value (what each request pays: a clone of the
+//!                   value shared from the locked pages) vs secret::header_value (expose:
+//!                   two mprotect calls and a copy, what it paid before), from_slice +
+//!                   header_value, a plain Vec
 //!  wiping_alloc     alloc + free through the WipingAllocator, wipe on vs off
 //! ```
 //!
@@ -18,13 +20,16 @@
 //! bench says so (the `credential` group runs with it on, as the default config does).
 
 use std::hint::black_box;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier, Mutex, RwLock};
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sprint_sidecar::config::BreakerConfig;
+use sprint_sidecar::credential::TokenCredential;
+use sprint_sidecar::upstream::CredentialSource;
 use sprint_sidecar::latency::{Histogram, LatencyWindow};
 use sprint_sidecar::proxy::strip_hop_by_hop;
 use sprint_sidecar::secret::{self, SecureBuffer, WipingAllocator};
@@ -425,16 +430,6 @@ fn hop_by_hop(c: &mut Criterion) {
 
 // ---- credential -------------------------------------------------------------------------
 
-/// The `TokenCredential` shape: the live buffer behind an `RwLock<Arc<_>>`.
-struct LiveToken(RwLock<Arc<SecureBuffer>>);
-
-impl LiveToken {
-    fn header_value(&self) -> Option<HeaderValue> {
-        let buffer = self.0.read().ok()?.clone();
-        secret::header_value(&buffer).ok()
-    }
-}
-
 fn credential(c: &mut Criterion) {
     // As deployed: `memory.wipe_freed_memory = true` by default.
     secret::set_wipe_on_free(true);
@@ -446,11 +441,26 @@ fn credential(c: &mut Criterion) {
         b.iter(|| secret::header_value(black_box(&buffer)).expect("a valid token"))
     });
 
-    let live = LiveToken(RwLock::new(Arc::new(
-        SecureBuffer::from_slice(TOKEN).expect("secure memory can be allocated"),
-    )));
+    // Per request as shipped: the credential's shared header value, cloned (the pages stay
+    // readable while traffic flows; the idle sweep is not running here).
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("token");
+    std::fs::write(&path, TOKEN).expect("the token file can be written");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .expect("the token file mode can be set");
+    let live = TokenCredential::from_file(path, false).expect("a valid token file");
     group.bench_function("token_credential_path", |b| {
         b.iter(|| black_box(&live).header_value().expect("a valid token"))
+    });
+    // The same on two threads at once, as two tokio workers do.
+    group.bench_function("token_credential_path_2_threads", |b| {
+        b.iter_custom(|iters| {
+            contended(2, iters, |_, n| {
+                for _ in 0..n {
+                    black_box(live.header_value().expect("a valid token"));
+                }
+            })
+        })
     });
 
     // Two threads exposing the same buffer at once, as two tokio workers do: the readers
@@ -533,7 +543,7 @@ fn criterion_dir() -> PathBuf {
 /// Prints the ratios the benches exist for (skipping pairs that were filtered out).
 fn print_summary() {
     let root = criterion_dir();
-    let pairs: [(&str, &str, &str, &str); 10] = [
+    let pairs: [(&str, &str, &str, &str); 12] = [
         (
             "latency_record",
             "mutex_ring_1_thread",
@@ -569,6 +579,18 @@ fn print_summary() {
             "strip_typical_response",
             "strip_typical_response_naive_alternative",
             "strip_hop_by_hop / naive alternative, response",
+        ),
+        (
+            "credential",
+            "header_value_live_buffer",
+            "token_credential_path",
+            "expose per request / shared value (shipped)",
+        ),
+        (
+            "credential",
+            "token_credential_path",
+            "cached_header_value_clone",
+            "shared value (shipped) / bare HeaderValue clone",
         ),
         (
             "credential",
