@@ -29,10 +29,10 @@ use criterion::{BatchSize, Criterion};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sprint_sidecar::config::BreakerConfig;
 use sprint_sidecar::credential::TokenCredential;
-use sprint_sidecar::upstream::CredentialSource;
 use sprint_sidecar::latency::{Histogram, LatencyWindow};
 use sprint_sidecar::proxy::strip_hop_by_hop;
 use sprint_sidecar::secret::{self, SecureBuffer, WipingAllocator};
+use sprint_sidecar::upstream::CredentialSource;
 use sprint_sidecar::upstream::breaker::Breaker;
 use sprint_sidecar::upstream::retry::RetryBudget;
 

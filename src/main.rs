@@ -114,8 +114,22 @@ fn fail(e: &AppError) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
+/// The tokio runtime: one worker per available core (`TOKIO_WORKER_THREADS` overrides, the
+/// cgroup CPU quota counts). With a single worker a single-threaded event loop does the same
+/// work without the cross-thread queues and wake-ups of the work-stealing scheduler — the shape
+/// of one nginx worker process.
 fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
-    tokio::runtime::Builder::new_multi_thread()
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .map_err(|e| AppError::runtime(format!("cannot start the runtime: {e}")))

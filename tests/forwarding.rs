@@ -50,13 +50,17 @@ fn assert_names_relay(authority: Option<&str>, relay: &Relay) {
 
 // ---- concurrency ----
 
-async fn answers_hundreds_of_concurrent_requests(protocol: Proto) {
+async fn answers_hundreds_of_concurrent_requests(protocol: Proto, workers: Option<&str>) {
     // Correctness under concurrency, not latency: on a loaded CI machine 400 requests over
     // four HTTP/1.1 connections can queue for longer than the default request_timeout.
     let (relay, sidecar) = start(protocol, |sidecar| {
-        sidecar
+        let sidecar = sidecar
             .pool_size(4)
-            .set_str("pool", "request_timeout", "60s")
+            .set_str("pool", "request_timeout", "60s");
+        match workers {
+            Some(n) => sidecar.env("TOKIO_WORKER_THREADS", n),
+            None => sidecar,
+        }
     })
     .await;
     let client = support::client();
@@ -114,12 +118,23 @@ async fn answers_hundreds_of_concurrent_requests(protocol: Proto) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn answers_hundreds_of_concurrent_requests_over_h2() {
-    answers_hundreds_of_concurrent_requests(Proto::H2).await;
+    answers_hundreds_of_concurrent_requests(Proto::H2, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn answers_hundreds_of_concurrent_requests_over_http1() {
-    answers_hundreds_of_concurrent_requests(Proto::Http1).await;
+    answers_hundreds_of_concurrent_requests(Proto::Http1, None).await;
+}
+
+/// One worker thread (a pod limited to one CPU) runs the single-threaded event loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_hundreds_of_concurrent_requests_on_one_worker_thread_over_h2() {
+    answers_hundreds_of_concurrent_requests(Proto::H2, Some("1")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_hundreds_of_concurrent_requests_on_one_worker_thread_over_http1() {
+    answers_hundreds_of_concurrent_requests(Proto::Http1, Some("1")).await;
 }
 
 // ---- bodies ----
