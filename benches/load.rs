@@ -33,12 +33,15 @@
 //! `cargo test`/`cargo nextest run` never run it: bench targets are not test targets, and
 //! without cargo bench's `--bench` flag this program only prints how to run it.
 //!
-//! Environment: `LOAD_SECONDS` (measured seconds per healthy scenario, 10), `LOAD_WARMUP`
-//! (2), `LOAD_SLOW_SECONDS` (6), `LOAD_SLOW_WARMUP` (4: time for the sidecar to find and
-//! eject a slow connection), `LOAD_CLIENTS` (64), `LOAD_MAX_REQUESTS` (per scenario,
+//! Environment: `LOAD_SECONDS` (measured seconds per healthy scenario, 10, split over the
+//! rounds), `LOAD_WARMUP` (2, before the first window; later windows 0.5 s),
+//! `LOAD_SLOW_SECONDS` (6), `LOAD_SLOW_WARMUP` (4: time for the sidecar to find and eject a
+//! slow connection), `LOAD_CLIENTS` (64), `LOAD_MAX_REQUESTS` (per scenario,
 //! 5 000 000), `LOAD_SLOW_MS` (50), `NGINX_KEEPALIVE` (comma list, `16,64`),
-//! `NGINX_SLOW_KEEPALIVE` (comma list, `4`), `LOAD_ROUNDS` (3: the healthy scenarios run that
-//! many times, interleaved, and the table shows per-column medians), `LOAD_SCENARIOS` (comma
+//! `NGINX_SLOW_KEEPALIVE` (comma list, `4`), `LOAD_ROUNDS` (5: every healthy scenario's proxy
+//! runs at once, idle but for the one under load, and the load visits each in turn for
+//! `LOAD_SECONDS / LOAD_ROUNDS`, round after round, so drift of a shared machine hits all of
+//! them alike; the summary pools the rounds), `LOAD_SCENARIOS` (comma
 //! list; default `direct, nginx,sidecar,sidecar-nowipe,slow-nginx,slow-sidecar,slowpath-nginx,
 //! slowpath-sidecar`;
 //! `sidecar-http1`, the sidecar speaking HTTP/1.1 to the relay over one pool connection per
@@ -177,7 +180,7 @@ impl Settings {
             slow_seconds: env_or("LOAD_SLOW_SECONDS", 6.0)?,
             slow_warmup: env_or("LOAD_SLOW_WARMUP", 4.0)?,
             clients: env_or("LOAD_CLIENTS", 64)?,
-            rounds: env_or("LOAD_ROUNDS", 3)?,
+            rounds: env_or("LOAD_ROUNDS", 5)?,
             max_requests: env_or("LOAD_MAX_REQUESTS", 5_000_000)?,
             slow_delay: Duration::from_millis(env_or("LOAD_SLOW_MS", 50)?),
             nginx_keepalives,
@@ -528,10 +531,11 @@ impl Measured {
             .map(|cpu| cpu / self.requests.max(1) as f64 * 10_000.0)
     }
 
-    /// The per-field median of several rounds of one scenario (each column on its own, so a
-    /// single disturbed round moves nothing). CPU is rescaled so that CPU s/10k and the busy
-    /// share are the medians of those columns.
-    fn median(name: &str, rounds: &[&Measured]) -> Measured {
+    /// Several rounds of one scenario as one: requests, CPU, system calls and handshakes
+    /// summed (so CPU per request is total CPU over total requests), latency percentiles as
+    /// the median of the rounds' (each round's own percentiles are in the per-round table),
+    /// peak RSS the largest.
+    fn pooled(name: &str, rounds: &[&Measured]) -> Measured {
         fn mid(mut values: Vec<f64>) -> f64 {
             values.sort_by(f64::total_cmp);
             let n = values.len();
@@ -543,43 +547,30 @@ impl Measured {
                 (values[n / 2 - 1] + values[n / 2]) / 2.0
             }
         }
-        let field = |f: &dyn Fn(&Measured) -> f64| mid(rounds.iter().map(|m| f(m)).collect());
-        let window_seconds = field(&|m| m.window_seconds);
-        let rps = field(&|m| m.rps);
-        let requests = (rps * window_seconds).round() as u64;
-        let cpu_10k = rounds
-            .iter()
-            .map(|m| m.cpu_per_10k())
-            .collect::<Option<Vec<f64>>>()
-            .map(mid);
-        let optional = |f: &dyn Fn(&Measured) -> Option<u64>| {
-            rounds
-                .iter()
-                .map(|m| f(m))
-                .collect::<Option<Vec<u64>>>()
-                .map(|values| mid(values.iter().map(|v| *v as f64).collect()).round() as u64)
+        let window_seconds: f64 = rounds.iter().map(|m| m.window_seconds).sum();
+        let requests: u64 = rounds.iter().map(|m| m.requests).sum();
+        let all = |f: &dyn Fn(&Measured) -> Option<f64>| -> Option<Vec<f64>> {
+            rounds.iter().map(|m| f(m)).collect()
         };
         Measured {
             name: name.to_owned(),
             requests,
             errors: rounds.iter().map(|m| m.errors).sum(),
             window_seconds,
-            rps,
-            p50_ms: field(&|m| m.p50_ms),
-            p99_ms: field(&|m| m.p99_ms),
-            p999_ms: field(&|m| m.p999_ms),
-            proxy_cpu_s: cpu_10k.map(|cpu| cpu * requests.max(1) as f64 / 10_000.0),
-            peak_rss_kib: optional(&|m| m.peak_rss_kib),
-            load_core_busy: field(&|m| m.load_core_busy),
-            relay_handshakes: optional(&|m| Some(m.relay_handshakes)).unwrap_or(0),
-            proxy_io_syscalls: rounds
+            rps: requests as f64 / window_seconds.max(f64::EPSILON),
+            p50_ms: mid(rounds.iter().map(|m| m.p50_ms).collect()),
+            p99_ms: mid(rounds.iter().map(|m| m.p99_ms).collect()),
+            p999_ms: mid(rounds.iter().map(|m| m.p999_ms).collect()),
+            proxy_cpu_s: all(&|m| m.proxy_cpu_s).map(|cpu| cpu.iter().sum()),
+            peak_rss_kib: rounds.iter().filter_map(|m| m.peak_rss_kib).max(),
+            load_core_busy: rounds
                 .iter()
-                .map(|m| {
-                    m.proxy_io_syscalls
-                        .map(|count| count as f64 / m.requests.max(1) as f64)
-                })
-                .collect::<Option<Vec<f64>>>()
-                .map(|per_request| (mid(per_request) * requests as f64).round() as u64),
+                .map(|m| m.load_core_busy * m.window_seconds)
+                .sum::<f64>()
+                / window_seconds.max(f64::EPSILON),
+            relay_handshakes: rounds.iter().map(|m| m.relay_handshakes).sum(),
+            proxy_io_syscalls: all(&|m| m.proxy_io_syscalls.map(|n| n as f64))
+                .map(|counts| counts.iter().sum::<f64>() as u64),
             slow: None,
         }
     }
@@ -1351,27 +1342,103 @@ impl Bench {
         Ok(measured)
     }
 
-    async fn direct(&self) -> Measured {
+    /// Starts every wanted healthy scenario's proxy, then measures them in turn, one short
+    /// window each, `LOAD_ROUNDS` times; returns every window (named by scenario).
+    async fn healthy_rounds(&self) -> Result<Vec<Measured>, String> {
+        let settings = &self.settings;
         let relay = &*self.relay;
         wait_relay_idle(relay).await;
-        eprintln!("[load] direct to the relay");
-        let target = Target::Tls {
+        let mut nginxes = Vec::new();
+        let mut sidecars = Vec::new();
+        let mut targets: Vec<(String, Option<ProxyProcess>)> = Vec::new();
+        if settings.wants("direct") {
+            targets.push(("direct to relay (reference)".to_owned(), None));
+        }
+        if settings.wants("nginx") {
+            for keepalive in &settings.nginx_keepalives {
+                let nginx = Nginx::start(settings, relay, *keepalive).await?;
+                targets.push((
+                    format!("nginx (keepalive {keepalive})"),
+                    Some(nginx.process()),
+                ));
+                nginxes.push(nginx);
+            }
+        }
+        let mut variants = Vec::new();
+        if settings.wants("sidecar") {
+            variants.push(("sprint-sidecar (wipe on, default)".to_owned(), true, None));
+        }
+        if settings.wants("sidecar-nowipe") {
+            variants.push(("sprint-sidecar (wipe off)".to_owned(), false, None));
+        }
+        if settings.wants("sidecar-http1") {
+            let pool = settings.clients.min(256);
+            variants.push((
+                format!("sprint-sidecar (HTTP/1.1 upstream, pool {pool})"),
+                true,
+                Some(pool),
+            ));
+        }
+        for (name, wipe, http1_pool) in variants {
+            let sidecar =
+                start_sidecar(settings, relay, &self.token_file, wipe, http1_pool).await?;
+            targets.push((name, Some(sidecar_process(&sidecar))));
+            sidecars.push(sidecar);
+        }
+        for (name, process) in &targets {
+            if let Some(process) = process {
+                eprintln!("[load] {name} (pid {})", process.pid);
+            }
+        }
+        let window = settings.seconds / settings.rounds as f64;
+        let mut runs = Vec::new();
+        for round in 1..=settings.rounds {
+            eprintln!("[load] round {round} of {}", settings.rounds);
+            for (name, process) in &targets {
+                // The first window warms connections and caches; later ones only let the
+                // clients connect.
+                let phases = Phases {
+                    warmup: if round == 1 { settings.warmup } else { 0.5 },
+                    seconds: window,
+                };
+                let target = match process {
+                    Some(process) => Target::Plain(process.addr),
+                    None => self.direct_target(),
+                };
+                let process = process.as_ref().map(|p| ProxyProcess {
+                    pid: p.pid,
+                    addr: p.addr,
+                });
+                runs.push(
+                    measure(
+                        name,
+                        settings,
+                        relay,
+                        target,
+                        process.as_ref(),
+                        phases,
+                        None,
+                    )
+                    .await,
+                );
+            }
+        }
+        for nginx in nginxes {
+            nginx.stop().await;
+        }
+        drop(sidecars);
+        Ok(runs)
+    }
+
+    fn direct_target(&self) -> Target {
+        let relay = &*self.relay;
+        Target::Tls {
             addr: relay.addr(),
             connector: TlsConnector::from(Arc::new(relay.pki().client_config(&[b"http/1.1"]))),
             name: ServerName::try_from(relay.server_name())
                 .expect("the relay's name is a valid DNS name")
                 .to_owned(),
-        };
-        measure(
-            "direct to relay (reference)",
-            &self.settings,
-            relay,
-            target,
-            None,
-            self.healthy,
-            None,
-        )
-        .await
+        }
     }
 }
 
@@ -1445,31 +1512,11 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     };
     let settings = &bench.settings;
 
-    // Healthy scenarios run in interleaved rounds (nginx, sidecar, nginx, sidecar, ...) so
-    // that drift of the machine (other tenants, frequency) hits both alike.
-    let mut runs: Vec<Measured> = Vec::new();
+    // Healthy scenarios: every proxy runs at once (idle ones cost nothing), and the load
+    // moves from one to the next in short windows, round after round, so that the machine's
+    // drift (other tenants, frequency) hits all of them alike.
+    let runs = bench.healthy_rounds().await?;
     let mut slow: Vec<Measured> = Vec::new();
-    for round in 1..=settings.rounds {
-        eprintln!("[load] round {round} of {}", settings.rounds);
-        if settings.wants("direct") {
-            runs.push(bench.direct().await);
-        }
-        if settings.wants("nginx") {
-            for keepalive in &settings.nginx_keepalives {
-                runs.push(bench.nginx(*keepalive, None).await?);
-            }
-        }
-        if settings.wants("sidecar") {
-            runs.push(bench.sidecar(true, None, None).await?);
-        }
-        if settings.wants("sidecar-nowipe") {
-            runs.push(bench.sidecar(false, None, None).await?);
-        }
-        if settings.wants("sidecar-http1") {
-            let pool = settings.clients.min(256);
-            runs.push(bench.sidecar(true, Some(pool), None).await?);
-        }
-    }
     let mut names: Vec<&str> = Vec::new();
     for m in &runs {
         if !names.contains(&m.name.as_str()) {
@@ -1480,7 +1527,7 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         .iter()
         .map(|name| {
             let rounds: Vec<&Measured> = runs.iter().filter(|m| m.name == *name).collect();
-            Measured::median(name, &rounds)
+            Measured::pooled(name, &rounds)
         })
         .collect();
     for keepalive in &settings.nginx_slow_keepalives {
@@ -1509,7 +1556,10 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     println!(
         "\n== healthy relay{} ==",
         if settings.rounds > 1 {
-            format!(", median of {} rounds per column", settings.rounds)
+            format!(
+                ", {} rounds pooled (CPU and requests summed; latencies: median of the rounds)",
+                settings.rounds
+            )
         } else {
             String::new()
         }
