@@ -1230,19 +1230,27 @@ struct Bench {
     settings: Settings,
     relay: Arc<Relay>,
     token_file: PathBuf,
-    healthy: Phases,
     slow: Phases,
 }
 
+/// Which relay connections a slow scenario slows down.
+#[derive(Clone, Copy)]
+enum Slow {
+    /// The first connection the proxy opens (`slow-*`).
+    One,
+    /// Every fourth connection, re-dials included (`slowpath-*`).
+    EveryFourth,
+}
+
 impl Bench {
-    async fn nginx(&self, keepalive: u32, slow: Option<&str>) -> Result<Measured, String> {
+    /// One slow-relay scenario through nginx with `keepalive`.
+    async fn slow_nginx(&self, keepalive: u32, slow: Slow) -> Result<Measured, String> {
         let relay = &*self.relay;
         wait_relay_idle(relay).await;
         let first_id = next_connection_id(relay);
         let nginx = Nginx::start(&self.settings, relay, keepalive).await?;
-        let (name, phases, set) = match slow {
-            None => (format!("nginx (keepalive {keepalive})"), self.healthy, None),
-            Some("one") => {
+        let (name, set) = match slow {
+            Slow::One => {
                 // Nginx::start's probe opened nginx's first upstream connection: make it slow.
                 let id = relay
                     .open_connection_ids()
@@ -1251,13 +1259,13 @@ impl Bench {
                     .ok_or("nginx holds no relay connection after its probe")?;
                 relay.set_connection_fault(id, Fault::Delay(self.settings.slow_delay));
                 let name = format!("slow: nginx (keepalive {keepalive})");
-                (name, self.slow, Some(SlowSet::One(id as u32)))
+                (name, SlowSet::One(id as u32))
             }
-            Some(_) => {
+            Slow::EveryFourth => {
                 let set =
                     slow_every_fourth(relay, next_connection_id(relay), self.settings.slow_delay);
                 let name = format!("slowpath: nginx (keepalive {keepalive})");
-                (name, self.slow, Some(set))
+                (name, set)
             }
         };
         let process = nginx.process();
@@ -1269,47 +1277,30 @@ impl Bench {
             relay,
             target,
             Some(&process),
-            phases,
-            set,
+            self.slow,
+            Some(set),
         )
         .await;
         nginx.stop().await;
         Ok(measured)
     }
 
-    async fn sidecar(
-        &self,
-        wipe: bool,
-        http1_pool: Option<usize>,
-        slow: Option<&str>,
-    ) -> Result<Measured, String> {
+    /// One slow-relay scenario through the sidecar (pool 4, h2, wiping on).
+    async fn slow_sidecar(&self, slow: Slow) -> Result<Measured, String> {
         let relay = &*self.relay;
         wait_relay_idle(relay).await;
         let first_id = next_connection_id(relay);
-        let (name, phases, set) = match slow {
-            None => {
-                let name = match http1_pool {
-                    Some(size) => format!("sprint-sidecar (HTTP/1.1 upstream, pool {size})"),
-                    None if wipe => "sprint-sidecar (wipe on, default)".to_owned(),
-                    None => "sprint-sidecar (wipe off)".to_owned(),
-                };
-                (name, self.healthy, None)
-            }
+        let (name, set) = match slow {
             // The fault must be in place before the pool dials.
-            Some("path") => {
+            Slow::EveryFourth => {
                 let set = slow_every_fourth(relay, first_id, self.settings.slow_delay);
-                (
-                    "slowpath: sprint-sidecar (pool 4)".to_owned(),
-                    self.slow,
-                    Some(set),
-                )
+                ("slowpath: sprint-sidecar (pool 4)".to_owned(), Some(set))
             }
-            Some(_) => ("slow: sprint-sidecar (pool 4)".to_owned(), self.slow, None),
+            Slow::One => ("slow: sprint-sidecar (pool 4)".to_owned(), None),
         };
-        let sidecar =
-            start_sidecar(&self.settings, relay, &self.token_file, wipe, http1_pool).await?;
+        let sidecar = start_sidecar(&self.settings, relay, &self.token_file, true, None).await?;
         let set = match (slow, set) {
-            (Some("one"), _) => {
+            (Slow::One, _) => {
                 let pool = relay
                     .wait_for_open_connections(4, Duration::from_secs(10))
                     .await;
@@ -1320,7 +1311,7 @@ impl Bench {
                 relay.set_connection_fault(id, Fault::Delay(self.settings.slow_delay));
                 Some(SlowSet::One(id as u32))
             }
-            (_, set) => set,
+            (Slow::EveryFourth, set) => set,
         };
         let process = sidecar_process(&sidecar);
         eprintln!("[load] {name} (pid {})", process.pid);
@@ -1331,7 +1322,7 @@ impl Bench {
             relay,
             target,
             Some(&process),
-            phases,
+            self.slow,
             set,
         )
         .await;
@@ -1392,6 +1383,9 @@ impl Bench {
         }
         let window = settings.seconds / settings.rounds as f64;
         let mut runs = Vec::new();
+        if targets.is_empty() {
+            return Ok(runs);
+        }
         for round in 1..=settings.rounds {
             eprintln!("[load] round {round} of {}", settings.rounds);
             for (name, process) in &targets {
@@ -1498,10 +1492,6 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     println!("  peer: {nginx_version}");
 
     let bench = Bench {
-        healthy: Phases {
-            warmup: settings.warmup,
-            seconds: settings.seconds,
-        },
         slow: Phases {
             warmup: settings.slow_warmup,
             seconds: settings.slow_seconds,
@@ -1532,59 +1522,61 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         .collect();
     for keepalive in &settings.nginx_slow_keepalives {
         if settings.wants("slow-nginx") {
-            slow.push(bench.nginx(*keepalive, Some("one")).await?);
+            slow.push(bench.slow_nginx(*keepalive, Slow::One).await?);
         }
     }
     if settings.wants("slow-sidecar") {
-        slow.push(bench.sidecar(true, None, Some("one")).await?);
+        slow.push(bench.slow_sidecar(Slow::One).await?);
     }
     for keepalive in &settings.nginx_slow_keepalives {
         if settings.wants("slowpath-nginx") {
-            slow.push(bench.nginx(*keepalive, Some("path")).await?);
+            slow.push(bench.slow_nginx(*keepalive, Slow::EveryFourth).await?);
         }
     }
     if settings.wants("slowpath-sidecar") {
-        slow.push(bench.sidecar(true, None, Some("path")).await?);
+        slow.push(bench.slow_sidecar(Slow::EveryFourth).await?);
     }
     janitor.abort();
     wait_relay_idle(&bench.relay).await;
 
-    if settings.rounds > 1 {
-        println!("\n== healthy relay, each round ==");
-        print_table(&runs);
-    }
-    println!(
-        "\n== healthy relay{} ==",
+    if !healthy.is_empty() {
         if settings.rounds > 1 {
-            format!(
-                ", {} rounds pooled (CPU and requests summed; latencies: median of the rounds)",
-                settings.rounds
-            )
-        } else {
-            String::new()
+            println!("\n== healthy relay, each round ==");
+            print_table(&runs);
         }
-    );
-    print_table(&healthy);
-    println!("\nratios:");
-    let sidecar = find(&healthy, "sprint-sidecar (wipe on");
-    let nowipe = find(&healthy, "sprint-sidecar (wipe off");
-    for keepalive in &settings.nginx_keepalives {
-        let nginx = find(&healthy, &format!("nginx (keepalive {keepalive})"));
-        ratio_line(
-            &format!("sidecar / nginx keepalive {keepalive}"),
-            sidecar,
-            nginx,
+        println!(
+            "\n== healthy relay{} ==",
+            if settings.rounds > 1 {
+                format!(
+                    ", {} rounds pooled (CPU and requests summed; latencies: median of the rounds)",
+                    settings.rounds
+                )
+            } else {
+                String::new()
+            }
         );
-    }
-    ratio_line("sidecar wipe on / wipe off (wipe cost)", sidecar, nowipe);
-    if let Some(direct) = find(&healthy, "direct") {
-        for m in healthy.iter().filter(|m| m.proxy_cpu_s.is_some()) {
-            println!(
-                "  {:<44} req/s {:.2} of direct; p50 +{:.2} ms over direct",
-                m.name,
-                m.rps / direct.rps,
-                m.p50_ms - direct.p50_ms
+        print_table(&healthy);
+        println!("\nratios:");
+        let sidecar = find(&healthy, "sprint-sidecar (wipe on");
+        let nowipe = find(&healthy, "sprint-sidecar (wipe off");
+        for keepalive in &settings.nginx_keepalives {
+            let nginx = find(&healthy, &format!("nginx (keepalive {keepalive})"));
+            ratio_line(
+                &format!("sidecar / nginx keepalive {keepalive}"),
+                sidecar,
+                nginx,
             );
+        }
+        ratio_line("sidecar wipe on / wipe off (wipe cost)", sidecar, nowipe);
+        if let Some(direct) = find(&healthy, "direct") {
+            for m in healthy.iter().filter(|m| m.proxy_cpu_s.is_some()) {
+                println!(
+                    "  {:<44} req/s {:.2} of direct; p50 +{:.2} ms over direct",
+                    m.name,
+                    m.rps / direct.rps,
+                    m.p50_ms - direct.p50_ms
+                );
+            }
         }
     }
 
