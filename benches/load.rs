@@ -513,6 +513,8 @@ struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
+    /// Every answered request's latency in the window, sorted (for pooling rounds).
+    latencies_us: Vec<u32>,
     /// Proxy CPU over the measured window (None for the direct reference).
     proxy_cpu_s: Option<f64>,
     peak_rss_kib: Option<u64>,
@@ -532,22 +534,15 @@ impl Measured {
     }
 
     /// Several rounds of one scenario as one: requests, CPU, system calls and handshakes
-    /// summed (so CPU per request is total CPU over total requests), latency percentiles as
-    /// the median of the rounds' (each round's own percentiles are in the per-round table),
-    /// peak RSS the largest.
+    /// summed (so CPU per request is total CPU over total requests), latency percentiles
+    /// over every request of every round, peak RSS the largest.
     fn pooled(name: &str, rounds: &[&Measured]) -> Measured {
-        fn mid(mut values: Vec<f64>) -> f64 {
-            values.sort_by(f64::total_cmp);
-            let n = values.len();
-            if n == 0 {
-                0.0
-            } else if n % 2 == 1 {
-                values[n / 2]
-            } else {
-                (values[n / 2 - 1] + values[n / 2]) / 2.0
-            }
-        }
         let window_seconds: f64 = rounds.iter().map(|m| m.window_seconds).sum();
+        let mut latencies: Vec<u32> = rounds
+            .iter()
+            .flat_map(|m| m.latencies_us.iter().copied())
+            .collect();
+        latencies.sort_unstable();
         let requests: u64 = rounds.iter().map(|m| m.requests).sum();
         let all = |f: &dyn Fn(&Measured) -> Option<f64>| -> Option<Vec<f64>> {
             rounds.iter().map(|m| f(m)).collect()
@@ -558,9 +553,10 @@ impl Measured {
             errors: rounds.iter().map(|m| m.errors).sum(),
             window_seconds,
             rps: requests as f64 / window_seconds.max(f64::EPSILON),
-            p50_ms: mid(rounds.iter().map(|m| m.p50_ms).collect()),
-            p99_ms: mid(rounds.iter().map(|m| m.p99_ms).collect()),
-            p999_ms: mid(rounds.iter().map(|m| m.p999_ms).collect()),
+            p50_ms: quantile_ms(&latencies, 0.50),
+            p99_ms: quantile_ms(&latencies, 0.99),
+            p999_ms: quantile_ms(&latencies, 0.999),
+            latencies_us: latencies,
             proxy_cpu_s: all(&|m| m.proxy_cpu_s).map(|cpu| cpu.iter().sum()),
             peak_rss_kib: rounds.iter().filter_map(|m| m.peak_rss_kib).max(),
             load_core_busy: rounds
@@ -740,6 +736,7 @@ async fn measure(
         p50_ms: quantile_ms(&latencies, 0.50),
         p99_ms: quantile_ms(&latencies, 0.99),
         p999_ms: quantile_ms(&latencies, 0.999),
+        latencies_us: latencies,
         proxy_cpu_s: proxy_before
             .zip(proxy_after)
             .map(|(before, after)| after.saturating_sub(before) as f64 / ticks_per_second),
@@ -1548,7 +1545,7 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
             "\n== healthy relay{} ==",
             if settings.rounds > 1 {
                 format!(
-                    ", {} rounds pooled (CPU and requests summed; latencies: median of the rounds)",
+                    ", {} rounds pooled (CPU, requests and latencies of all rounds together)",
                     settings.rounds
                 )
             } else {
