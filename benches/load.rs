@@ -1,6 +1,7 @@
-//! The load harness (issues 2 and 3): in one run it starts the test relay of `tests/support`
-//! (TLS, ALPN h2 and http/1.1), Debian's nginx and the release `sprint-sidecar` in front of
-//! it, drives the same closed-loop load through each (64 HTTP/1.1 keep-alive clients, a
+//! The load harness (issues 2 and 3): in one run it starts a TLS relay (ALPN h2 and
+//! http/1.1: Debian's nginx serving a fixed JSON-RPC answer for the healthy scenarios, the
+//! in-process test relay of `tests/support` for the slow ones and with `LOAD_RELAY=support`),
+//! Debian's nginx as the peer proxy and the release `sprint-sidecar` in front of it, drives the same closed-loop load through each (64 HTTP/1.1 keep-alive clients, a
 //! ~100-byte JSON-RPC POST to `/`), and prints requests/s, p50/p99 latency, proxy CPU seconds
 //! per 10 000 requests and peak RSS, with the ratios sidecar/nginx. The sidecar also runs with
 //! `memory.wipe_freed_memory` off to price the wiping allocator. Then slow relay connections
@@ -13,8 +14,8 @@
 //!   on a slow one again.
 //!
 //! ```text
-//!  core 1: this process ── load generator (64 clients) ──┐        ┌── relay (in-process,
-//!                                                        │        │   rustls + hyper)
+//!  core 1: this process ── load generator (64 clients) ──┐        ┌── relay (nginx, one
+//!                                                        │        │   worker; or in-process)
 //!  core 0: proxy under test ◀── plain HTTP/1.1 ──────────┘        │
 //!          nginx: worker_processes 1          ── TLS (verify, SNI relay.test) ──┘
 //!          sprint-sidecar: TOKIO_WORKER_THREADS=1
@@ -23,7 +24,11 @@
 //!
 //! Fairness: each proxy gets exactly one core (`taskset -c 0`: nginx with one worker
 //! process, the sidecar with one tokio worker thread); the load generator and the relay share
-//! the other core, so they are the same for both proxies. Both proxies add the same
+//! the other core, so they are the same for both proxies. The relay is nginx by default
+//! because a production relay is an efficient h2 server: the in-process relay (rustls +
+//! hyper, one runtime with the load generator) costs the load core about twice as much and
+//! saturates it, so its figures measure the load core's queue more than the proxies (run
+//! `LOAD_RELAY=support` to see them). Both proxies add the same
 //! `Authorization` header, verify the relay certificate, offer TLS 1.3 and resume sessions;
 //! nginx gets `keepalive_requests 100000` (client and upstream side) so it never closes a
 //! connection the sidecar would keep. nginx runs with `keepalive 16` (as specified) and
@@ -45,9 +50,14 @@
 //! list; default `direct, nginx,sidecar,sidecar-nowipe,slow-nginx,slow-sidecar,slowpath-nginx,
 //! slowpath-sidecar`;
 //! `sidecar-http1`, the sidecar speaking HTTP/1.1 to the relay over one pool connection per
-//! client, runs only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
+//! client, and `sidecar-alt`, the default sidecar with the extra environment `LOAD_ALT_ENV`
+//! (`KEY=VALUE,...`, e.g. `SPRINT_SIDECAR_POOL_SIZE=8`; `;` separates variants) to compare
+//! settings side by side; `LOAD_ALT_BIN` runs them from another build, e.g. a copy of the
+//! binary before a change,
+//! run only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
 //! everything), `NGINX` (default `/usr/sbin/nginx`), `SIDECAR_BIN` (must be the binary Cargo
-//! built for this bench).
+//! built for this bench), `LOAD_RELAY` (`nginx`, the default, or `support`: the relay of the
+//! healthy scenarios).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -70,7 +80,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsConnector;
 
-use support::{Fault, Proto, Relay, Sidecar};
+use support::{Fault, Pki, Proto, Relay, Sidecar};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -108,6 +118,12 @@ struct Settings {
     pin: bool,
     nginx: PathBuf,
     sidecar: PathBuf,
+    /// `LOAD_ALT_BIN`: the binary of the `sidecar-alt` variants (default: the built one).
+    alt_binary: Option<PathBuf>,
+    /// `LOAD_RELAY`: the relay of the healthy scenarios.
+    relay: RelayChoice,
+    /// `LOAD_ALT_ENV`: the environments of the `sidecar-alt` variants (`KEY=VALUE,...;...`).
+    alt_envs: Vec<Vec<(String, String)>>,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T, String> {
@@ -130,12 +146,13 @@ fn env_list(key: &str, default: &str) -> Vec<String> {
         .collect()
 }
 
-const ALL_SCENARIOS: [&str; 9] = [
+const ALL_SCENARIOS: [&str; 10] = [
     "direct",
     "nginx",
     "sidecar",
     "sidecar-nowipe",
     "sidecar-http1",
+    "sidecar-alt",
     "slow-nginx",
     "slow-sidecar",
     "slowpath-nginx",
@@ -149,7 +166,7 @@ impl Settings {
         let default: Vec<&str> = ALL_SCENARIOS
             .iter()
             .copied()
-            .filter(|name| *name != "sidecar-http1")
+            .filter(|name| !matches!(*name, "sidecar-http1" | "sidecar-alt"))
             .collect();
         let scenarios = env_list("LOAD_SCENARIOS", &default.join(","));
         if let Some(unknown) = scenarios
@@ -174,6 +191,22 @@ impl Settings {
         };
         let nginx_keepalives = keepalives("NGINX_KEEPALIVE", "16,64")?;
         let nginx_slow_keepalives = keepalives("NGINX_SLOW_KEEPALIVE", "4")?;
+        let alt_envs = std::env::var("LOAD_ALT_ENV")
+            .unwrap_or_default()
+            .split(';')
+            .map(|variant| {
+                variant
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| {
+                        item.split_once('=')
+                            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                            .ok_or_else(|| format!("LOAD_ALT_ENV: {item:?} is not KEY=VALUE"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let settings = Settings {
             seconds: env_or("LOAD_SECONDS", 10.0)?,
             warmup: env_or("LOAD_WARMUP", 2.0)?,
@@ -189,6 +222,17 @@ impl Settings {
             pin: env_or("LOAD_PIN", 1u8)? == 1,
             nginx: PathBuf::from(env_or("NGINX", "/usr/sbin/nginx".to_owned())?),
             sidecar: PathBuf::from(env_or("SIDECAR_BIN", support::sidecar::BINARY.to_owned())?),
+            alt_envs,
+            alt_binary: std::env::var_os("LOAD_ALT_BIN").map(PathBuf::from),
+            relay: match env_or("LOAD_RELAY", "nginx".to_owned())?.as_str() {
+                "nginx" => RelayChoice::Nginx,
+                "support" => RelayChoice::Support,
+                other => {
+                    return Err(format!(
+                        "LOAD_RELAY: {other:?} is neither \"nginx\" nor \"support\""
+                    ));
+                }
+            },
         };
         let durations = [
             settings.seconds,
@@ -521,7 +565,8 @@ struct Measured {
     /// CPU of this process (load generator + relay) over the window, as a share of a core.
     load_core_busy: f64,
     /// TLS handshakes the relay completed during the window.
-    relay_handshakes: u64,
+    /// TLS handshakes the relay completed (the in-process relay only: nginx does not say).
+    relay_handshakes: Option<u64>,
     /// Read and write system calls of the proxy during the window.
     proxy_io_syscalls: Option<u64>,
     slow: Option<SlowView>,
@@ -564,7 +609,10 @@ impl Measured {
                 .map(|m| m.load_core_busy * m.window_seconds)
                 .sum::<f64>()
                 / window_seconds.max(f64::EPSILON),
-            relay_handshakes: rounds.iter().map(|m| m.relay_handshakes).sum(),
+            relay_handshakes: rounds
+                .iter()
+                .map(|m| m.relay_handshakes)
+                .sum::<Option<u64>>(),
             proxy_io_syscalls: all(&|m| m.proxy_io_syscalls.map(|n| n as f64))
                 .map(|counts| counts.iter().sum::<f64>() as u64),
             slow: None,
@@ -679,15 +727,27 @@ struct Phases {
 }
 
 /// Drives the load at `target`, snapshots CPU at the window's edges, and summarises.
+/// What a window can learn from the relay: the in-process one counts handshakes and knows
+/// its connections; the nginx relay's process adds to the load core's CPU.
+#[derive(Clone, Copy)]
+struct RelaySide<'a> {
+    recorded: Option<&'a Relay>,
+    process: Option<u32>,
+}
+
 async fn measure(
     name: &str,
     settings: &Settings,
-    relay: &Relay,
+    relay_side: RelaySide<'_>,
     target: Target,
     proxy: Option<&ProxyProcess>,
     phases: Phases,
     slow: Option<SlowSet>,
 ) -> Measured {
+    let RelaySide {
+        recorded: relay,
+        process: relay_process,
+    } = relay_side;
     let ticks_per_second = clock_ticks();
     let started = Instant::now();
     let warmup = Duration::from_secs_f64(phases.warmup);
@@ -704,18 +764,26 @@ async fn measure(
     let window_start = Instant::now();
     let proxy_before = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_before = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
-    let self_before = cpu_ticks(std::process::id()).unwrap_or(0);
-    let handshakes_before = relay.tls_accepted();
+    // The load core's work: this process, and the nginx relay when it answers.
+    let load_ticks =
+        || cpu_ticks(std::process::id()).unwrap_or(0) + relay_process.map_or(0, tree_ticks);
+    let self_before = load_ticks();
+    let handshakes_before = relay.map(Relay::tls_accepted);
 
     tokio::time::sleep_until((started + warmup + seconds).into()).await;
     let window_seconds = window_start.elapsed().as_secs_f64();
     let proxy_after = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_after = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
-    let self_after = cpu_ticks(std::process::id()).unwrap_or(0);
-    let relay_handshakes = relay.tls_accepted() - handshakes_before;
+    let self_after = load_ticks();
+    let relay_handshakes = relay
+        .map(Relay::tls_accepted)
+        .zip(handshakes_before)
+        .map(|(after, before)| after - before);
     let peak_rss_kib = proxy.map(|proxy| tree_peak_rss_kib(proxy.pid));
     let slow_open_at_end = match slow {
-        Some(SlowSet::One(id)) => Some(relay.open_connection_ids().contains(&u64::from(id))),
+        Some(SlowSet::One(id)) => {
+            relay.map(|relay| relay.open_connection_ids().contains(&u64::from(id)))
+        }
         _ => None,
     };
 
@@ -827,8 +895,172 @@ fn free_port() -> SocketAddr {
         .expect("a bound listener has an address")
 }
 
-fn nginx_config(dir: &Path, listen: SocketAddr, relay: &Relay, keepalive: u32) -> String {
-    let ca = relay.pki().ca_file().display().to_string();
+/// The relay the proxies under test forward to: its address, certificate name and CA.
+#[derive(Clone)]
+struct Upstream {
+    addr: SocketAddr,
+    name: &'static str,
+    pki: Arc<Pki>,
+}
+
+impl Upstream {
+    fn of(relay: &Relay) -> Upstream {
+        Upstream {
+            addr: relay.addr(),
+            name: relay.server_name(),
+            pki: relay.pki().clone(),
+        }
+    }
+}
+
+/// Which relay answers in the healthy scenarios (`LOAD_RELAY`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RelayChoice {
+    /// The in-process relay of `tests/support` (rustls + hyper), on the load core.
+    Support,
+    /// Debian's nginx as the relay (TLS, ALPN h2 and http/1.1, a fixed JSON answer), one
+    /// worker process on the load core: it costs that core far less than the in-process
+    /// relay, so the load generator is less of a bottleneck and the figures say more about
+    /// the proxies.
+    Nginx,
+}
+
+/// The answer of the nginx relay: the size and shape of the in-process relay's JSON-RPC
+/// answer to the load's request.
+const NGINX_RELAY_ANSWER: &str =
+    r#"{"jsonrpc":"2.0","id":1,"result":{"method":"getblockcount","params":[],"connection_id":1}}"#;
+
+/// Debian's nginx as a TLS relay (see [`RelayChoice::Nginx`]).
+struct NginxRelay {
+    child: Child,
+    upstream: Upstream,
+    dir: TempDir,
+}
+
+impl NginxRelay {
+    async fn start(settings: &Settings, pki: Arc<Pki>, name: &'static str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
+        let addr = free_port();
+        let identity = pki.server_identity();
+        let cert = dir.path().join("relay.crt");
+        let key = dir.path().join("relay.key");
+        std::fs::write(&cert, &identity.cert_pem).map_err(|error| error.to_string())?;
+        support::pki::write_private(&key, identity.key_pem.as_bytes());
+        let user = if is_root() { "user root;\n" } else { "" };
+        let dir_text = dir.path().display();
+        let config = format!(
+            r#"# Written by benches/load.rs: nginx as the relay, one worker on the load core.
+{user}worker_processes 1;
+pid {dir_text}/nginx.pid;
+error_log {dir_text}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir_text}/client_body;
+    proxy_temp_path {dir_text}/proxy;
+    fastcgi_temp_path {dir_text}/fastcgi;
+    uwsgi_temp_path {dir_text}/uwsgi;
+    scgi_temp_path {dir_text}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    http2_max_requests 10000000;
+    http2_max_concurrent_streams 256;
+    server {{
+        listen {addr} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            default_type application/json;
+            add_header x-relay-connection-id $connection always;
+            return 200 '{NGINX_RELAY_ANSWER}';
+        }}
+    }}
+}}
+"#,
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let path = dir.path().join("relay.conf");
+        std::fs::write(&path, config).map_err(|error| error.to_string())?;
+        let mut command = if settings.pin {
+            let mut command = Command::new("taskset");
+            command
+                .args(["-c", &LOAD_CORE.to_string()])
+                .arg(&settings.nginx);
+            command
+        } else {
+            Command::new(&settings.nginx)
+        };
+        command
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|error| format!("cannot start the nginx relay: {error}"))?;
+        let upstream = Upstream { addr, name, pki };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error_log = |dir: &TempDir| {
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        };
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the nginx relay exited ({status}); error.log:\n{}",
+                    error_log(&dir)
+                ));
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(NginxRelay {
+                    child,
+                    upstream,
+                    dir,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the nginx relay did not listen within 10 s; error.log:\n{}",
+                    error_log(&dir)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let workers = children(pid);
+            signal("TERM", pid);
+            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+                .await
+                .is_err()
+            {
+                signal("KILL", pid);
+                let _ = self.child.wait().await;
+            }
+            for worker in workers {
+                if Path::new(&format!("/proc/{worker}")).exists() {
+                    signal("KILL", worker);
+                }
+            }
+        }
+        drop(self.dir);
+    }
+}
+
+fn nginx_config(dir: &Path, listen: SocketAddr, upstream: &Upstream, keepalive: u32) -> String {
+    let ca = upstream.pki.ca_file().display().to_string();
     let dir = dir.display();
     let user = if is_root() { "user root;\n" } else { "" };
     format!(
@@ -861,7 +1093,7 @@ http {{
             proxy_set_header Authorization "{TOKEN}";
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate {ca};
-            proxy_ssl_name relay.test;
+            proxy_ssl_name {name};
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
             proxy_ssl_protocols TLSv1.2 TLSv1.3;
@@ -869,7 +1101,8 @@ http {{
     }}
 }}
 "#,
-        relay = relay.addr(),
+        relay = upstream.addr,
+        name = upstream.name,
     )
 }
 
@@ -882,11 +1115,15 @@ fn is_root() -> bool {
 }
 
 impl Nginx {
-    async fn start(settings: &Settings, relay: &Relay, keepalive: u32) -> Result<Nginx, String> {
+    async fn start(
+        settings: &Settings,
+        upstream: &Upstream,
+        keepalive: u32,
+    ) -> Result<Nginx, String> {
         let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
         let addr = free_port();
         let config = dir.path().join("nginx.conf");
-        std::fs::write(&config, nginx_config(dir.path(), addr, relay, keepalive))
+        std::fs::write(&config, nginx_config(dir.path(), addr, upstream, keepalive))
             .map_err(|error| error.to_string())?;
         let mut command = if settings.pin {
             let mut command = Command::new("taskset");
@@ -983,17 +1220,31 @@ fn signal(name: &str, pid: u32) {
 
 async fn start_sidecar(
     settings: &Settings,
-    relay: &Relay,
+    upstream: &Upstream,
     token_file: &Path,
     wipe: bool,
     http1_pool: Option<usize>,
+    extra_env: &[(String, String)],
+    binary: Option<&Path>,
 ) -> Result<Sidecar, String> {
-    let mut builder = Sidecar::builder().relay(relay).pool_size(4);
+    let mut builder = Sidecar::builder()
+        .endpoint(&upstream.addr.to_string())
+        .server_name(upstream.name)
+        .pki(upstream.pki.clone())
+        .set_str("pool", "reconnect_backoff_initial", "50ms")
+        .set_str("pool", "reconnect_backoff_max", "500ms")
+        .pool_size(4);
     if let Some(size) = http1_pool {
         // One request per connection at a time: as many connections as clients.
         builder = builder
             .pool_size(size)
             .set("upstream", "alpn", "[\"http/1.1\"]");
+    }
+    for (key, value) in extra_env {
+        builder = builder.env(key, value);
+    }
+    if let Some(binary) = binary {
+        builder = builder.binary(binary);
     }
     let sidecar = builder
         .set_str(
@@ -1083,7 +1334,8 @@ fn print_table(results: &[Measured]) {
             proxy_busy,
             rss,
             m.load_core_busy * 100.0,
-            m.relay_handshakes,
+            m.relay_handshakes
+                .map_or("-".to_owned(), |count| count.to_string()),
             syscalls,
         );
     }
@@ -1245,7 +1497,7 @@ impl Bench {
         let relay = &*self.relay;
         wait_relay_idle(relay).await;
         let first_id = next_connection_id(relay);
-        let nginx = Nginx::start(&self.settings, relay, keepalive).await?;
+        let nginx = Nginx::start(&self.settings, &Upstream::of(relay), keepalive).await?;
         let (name, set) = match slow {
             Slow::One => {
                 // Nginx::start's probe opened nginx's first upstream connection: make it slow.
@@ -1271,7 +1523,10 @@ impl Bench {
         let measured = measure(
             &name,
             &self.settings,
-            relay,
+            RelaySide {
+                recorded: Some(relay),
+                process: None,
+            },
             target,
             Some(&process),
             self.slow,
@@ -1295,7 +1550,16 @@ impl Bench {
             }
             Slow::One => ("slow: sprint-sidecar (pool 4)".to_owned(), None),
         };
-        let sidecar = start_sidecar(&self.settings, relay, &self.token_file, true, None).await?;
+        let sidecar = start_sidecar(
+            &self.settings,
+            &Upstream::of(relay),
+            &self.token_file,
+            true,
+            None,
+            &[],
+            None,
+        )
+        .await?;
         let set = match (slow, set) {
             (Slow::One, _) => {
                 let pool = relay
@@ -1316,7 +1580,10 @@ impl Bench {
         let mut measured = measure(
             &name,
             &self.settings,
-            relay,
+            RelaySide {
+                recorded: Some(relay),
+                process: None,
+            },
             target,
             Some(&process),
             self.slow,
@@ -1336,6 +1603,18 @@ impl Bench {
         let settings = &self.settings;
         let relay = &*self.relay;
         wait_relay_idle(relay).await;
+        let nginx_relay = match settings.relay {
+            RelayChoice::Nginx => {
+                Some(NginxRelay::start(settings, relay.pki().clone(), relay.server_name()).await?)
+            }
+            RelayChoice::Support => None,
+        };
+        let upstream = match &nginx_relay {
+            Some(nginx_relay) => nginx_relay.upstream.clone(),
+            None => Upstream::of(relay),
+        };
+        // Handshake counts come from the in-process relay only.
+        let counted = nginx_relay.is_none().then_some(relay);
         let mut nginxes = Vec::new();
         let mut sidecars = Vec::new();
         let mut targets: Vec<(String, Option<ProxyProcess>)> = Vec::new();
@@ -1344,7 +1623,7 @@ impl Bench {
         }
         if settings.wants("nginx") {
             for keepalive in &settings.nginx_keepalives {
-                let nginx = Nginx::start(settings, relay, *keepalive).await?;
+                let nginx = Nginx::start(settings, &upstream, *keepalive).await?;
                 targets.push((
                     format!("nginx (keepalive {keepalive})"),
                     Some(nginx.process()),
@@ -1354,10 +1633,37 @@ impl Bench {
         }
         let mut variants = Vec::new();
         if settings.wants("sidecar") {
-            variants.push(("sprint-sidecar (wipe on, default)".to_owned(), true, None));
+            variants.push((
+                "sprint-sidecar (wipe on, default)".to_owned(),
+                true,
+                None,
+                &[][..],
+                None,
+            ));
         }
         if settings.wants("sidecar-nowipe") {
-            variants.push(("sprint-sidecar (wipe off)".to_owned(), false, None));
+            variants.push((
+                "sprint-sidecar (wipe off)".to_owned(),
+                false,
+                None,
+                &[][..],
+                None,
+            ));
+        }
+        if settings.wants("sidecar-alt") {
+            for alt_env in &settings.alt_envs {
+                let described: Vec<String> = alt_env
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                variants.push((
+                    format!("sprint-sidecar alt ({})", described.join(" ")),
+                    true,
+                    None,
+                    &alt_env[..],
+                    settings.alt_binary.as_deref(),
+                ));
+            }
         }
         if settings.wants("sidecar-http1") {
             let pool = settings.clients.min(256);
@@ -1365,11 +1671,21 @@ impl Bench {
                 format!("sprint-sidecar (HTTP/1.1 upstream, pool {pool})"),
                 true,
                 Some(pool),
+                &[][..],
+                None,
             ));
         }
-        for (name, wipe, http1_pool) in variants {
-            let sidecar =
-                start_sidecar(settings, relay, &self.token_file, wipe, http1_pool).await?;
+        for (name, wipe, http1_pool, extra_env, binary) in variants {
+            let sidecar = start_sidecar(
+                settings,
+                &upstream,
+                &self.token_file,
+                wipe,
+                http1_pool,
+                extra_env,
+                binary,
+            )
+            .await?;
             targets.push((name, Some(sidecar_process(&sidecar))));
             sidecars.push(sidecar);
         }
@@ -1394,7 +1710,7 @@ impl Bench {
                 };
                 let target = match process {
                     Some(process) => Target::Plain(process.addr),
-                    None => self.direct_target(),
+                    None => direct_target(&upstream),
                 };
                 let process = process.as_ref().map(|p| ProxyProcess {
                     pid: p.pid,
@@ -1404,7 +1720,10 @@ impl Bench {
                     measure(
                         name,
                         settings,
-                        relay,
+                        RelaySide {
+                            recorded: counted,
+                            process: nginx_relay.as_ref().and_then(|relay| relay.child.id()),
+                        },
                         target,
                         process.as_ref(),
                         phases,
@@ -1418,18 +1737,21 @@ impl Bench {
             nginx.stop().await;
         }
         drop(sidecars);
+        if let Some(nginx_relay) = nginx_relay {
+            nginx_relay.stop().await;
+        }
         Ok(runs)
     }
+}
 
-    fn direct_target(&self) -> Target {
-        let relay = &*self.relay;
-        Target::Tls {
-            addr: relay.addr(),
-            connector: TlsConnector::from(Arc::new(relay.pki().client_config(&[b"http/1.1"]))),
-            name: ServerName::try_from(relay.server_name())
-                .expect("the relay's name is a valid DNS name")
-                .to_owned(),
-        }
+/// The load generator speaking TLS (HTTP/1.1) to the relay itself: the reference.
+fn direct_target(upstream: &Upstream) -> Target {
+    Target::Tls {
+        addr: upstream.addr,
+        connector: TlsConnector::from(Arc::new(upstream.pki.client_config(&[b"http/1.1"]))),
+        name: ServerName::try_from(upstream.name)
+            .expect("the relay's name is a valid DNS name")
+            .to_owned(),
     }
 }
 
@@ -1482,8 +1804,12 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         settings.slow_delay.as_millis(),
     );
     println!(
-        "  relay: in-process rustls + hyper, ALPN h2,http/1.1 (the sidecar negotiates h2 on \
-         pool.size 4; nginx speaks HTTP/1.1)"
+        "  relay: {} (ALPN h2,http/1.1: the sidecar negotiates h2 on pool.size 4, nginx speaks \
+         HTTP/1.1); slow scenarios: the in-process relay (per-connection delays)",
+        match settings.relay {
+            RelayChoice::Nginx => "healthy scenarios: nginx, one worker on the load core",
+            RelayChoice::Support => "healthy scenarios: in-process rustls + hyper",
+        }
     );
     println!("  sidecar: {}", settings.sidecar.display());
     println!("  peer: {nginx_version}");
