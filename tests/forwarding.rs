@@ -546,6 +546,40 @@ async fn slow_client_headers_are_cut_off() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `printf 'POST ...' | nc -N`: the request, then the client's write side is shut while
+    // the relay takes its time; the answer must still arrive whole.
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(
+            b"POST /delay/300 HTTP/1.1\r\nHost: app.example\r\nContent-Type: application/json\r\n\
+              Content-Length: 13\r\n\r\n{\"half\":true}",
+        )
+        .await
+        .expect("the request is sent");
+    stream.shutdown().await.expect("the write side closes");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar answers and closes within 10 s")
+        .expect("the answer is read");
+    assert_eq!(
+        support::raw_status(&answer),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let seen: serde_json::Value =
+        serde_json::from_slice(support::raw_body(&answer)).expect("the relay's JSON answer");
+    assert_eq!(seen["path"], "/delay/300", "{seen}");
+    assert_eq!(relay.count_path("/delay/300"), 1);
+}
+
 // ---- bad relay certificate ----
 
 async fn bad_certificate_gets_502(identity: support::Identity, problem_words: &[&str]) {
