@@ -52,8 +52,8 @@
 //! `sidecar-http1`, the sidecar speaking HTTP/1.1 to the relay over one pool connection per
 //! client, and `sidecar-alt`, the default sidecar with the extra environment `LOAD_ALT_ENV`
 //! (`KEY=VALUE,...`, e.g. `SPRINT_SIDECAR_POOL_SIZE=8`; `;` separates variants) to compare
-//! settings side by side; `LOAD_ALT_BIN` runs them from another build, e.g. a copy of the
-//! binary before a change,
+//! settings side by side; `LOAD_ALT_BIN`, or `BIN=path` in a variant, runs it from another
+//! build, e.g. a copy of the binary before a change,
 //! run only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
 //! everything), `NGINX` (default `/usr/sbin/nginx`), `SIDECAR_BIN` (must be the binary Cargo
 //! built for this bench), `LOAD_STEAL_LIMIT` (2: a healthy window in which the hypervisor stole
@@ -211,6 +211,11 @@ impl Settings {
                             .ok_or_else(|| format!("LOAD_ALT_ENV: {item:?} is not KEY=VALUE"))
                     })
                     .collect::<Result<Vec<_>, String>>()
+                    .map(|mut pairs| {
+                        // `BIN` first, so the environment is the slice after it.
+                        pairs.sort_by_key(|(key, _)| key != "BIN");
+                        pairs
+                    })
             })
             .collect::<Result<Vec<_>, String>>()?;
         let settings = Settings {
@@ -1702,12 +1707,19 @@ impl Bench {
                     .iter()
                     .map(|(key, value)| format!("{key}={value}"))
                     .collect();
+                // `BIN=path` in a variant picks its binary; the rest is its environment.
+                let binary = alt_env
+                    .iter()
+                    .find(|(key, _)| key == "BIN")
+                    .map(|(_, path)| Path::new(path.as_str()))
+                    .or(settings.alt_binary.as_deref());
+                let env_start = alt_env.partition_point(|(key, _)| key == "BIN");
                 variants.push((
                     format!("sprint-sidecar alt ({})", described.join(" ")),
                     true,
                     None,
-                    &alt_env[..],
-                    settings.alt_binary.as_deref(),
+                    &alt_env[env_start..],
+                    binary,
                 ));
             }
         }
