@@ -975,7 +975,8 @@ enum RelayChoice {
 }
 
 /// The answer of the nginx relay: the size and shape of the in-process relay's JSON-RPC
-/// answer to the load's request.
+/// answer to the load's request. Like a production relay, and unlike the in-process one, it
+/// adds no `x-relay-connection-id` header: only the slow scenarios (in-process relay) need it.
 const NGINX_RELAY_ANSWER: &str =
     r#"{"jsonrpc":"2.0","id":1,"result":{"method":"getblockcount","params":[],"connection_id":1}}"#;
 
@@ -1023,7 +1024,6 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         location / {{
             default_type application/json;
-            add_header x-relay-connection-id $connection always;
             return 200 '{NGINX_RELAY_ANSWER}';
         }}
     }}
