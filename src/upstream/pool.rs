@@ -343,7 +343,15 @@ impl Pool {
         exclude: Option<usize>,
         deadline: Instant,
     ) -> Result<Checkout, UpstreamError> {
+        // Fast path: a free connection, without registering as a waiter (that takes the
+        // notifier's lock twice).
+        match self.try_checkout(exclude) {
+            Ok(c) => return Ok(c),
+            Err(u) if u.can_wait => {}
+            Err(_) => return Err(self.unavailable()),
+        }
         loop {
+            // Register first, then look again, so a connection freed in between wakes us.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
