@@ -996,23 +996,9 @@ impl NginxRelay {
         let key = dir.path().join("relay.key");
         std::fs::write(&cert, &identity.cert_pem).map_err(|error| error.to_string())?;
         support::pki::write_private(&key, identity.key_pem.as_bytes());
-        let user = if is_root() { "user root;\n" } else { "" };
-        let dir_text = dir.path().display();
         let config = format!(
             r#"# Written by benches/load.rs: nginx as the relay, one worker on the load core.
-{user}worker_processes 1;
-pid {dir_text}/nginx.pid;
-error_log {dir_text}/error.log warn;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    client_body_temp_path {dir_text}/client_body;
-    proxy_temp_path {dir_text}/proxy;
-    fastcgi_temp_path {dir_text}/fastcgi;
-    uwsgi_temp_path {dir_text}/uwsgi;
-    scgi_temp_path {dir_text}/scgi;
+{preamble}
     keepalive_requests 10000000;
     keepalive_timeout 300s;
     http2_max_requests 10000000;
@@ -1029,34 +1015,13 @@ http {{
     }}
 }}
 "#,
+            preamble = nginx_preamble(dir.path()),
             cert = cert.display(),
             key = key.display(),
         );
         let path = dir.path().join("relay.conf");
         std::fs::write(&path, config).map_err(|error| error.to_string())?;
-        let mut command = if settings.pin {
-            let mut command = Command::new("taskset");
-            command
-                .args(["-c", &LOAD_CORE.to_string()])
-                .arg(&settings.nginx);
-            command
-        } else {
-            Command::new(&settings.nginx)
-        };
-        command
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
+        let mut child = spawn_nginx(settings, LOAD_CORE, dir.path(), &path)
             .map_err(|error| format!("cannot start the nginx relay: {error}"))?;
         let upstream = Upstream { addr, name, pki };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1089,32 +1054,19 @@ http {{
 
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let workers = children(pid);
-            signal("TERM", pid);
-            if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-                .await
-                .is_err()
-            {
-                signal("KILL", pid);
-                let _ = self.child.wait().await;
-            }
-            for worker in workers {
-                if Path::new(&format!("/proc/{worker}")).exists() {
-                    signal("KILL", worker);
-                }
-            }
+            stop_nginx(&mut self.child, pid).await;
         }
         drop(self.dir);
     }
 }
 
-fn nginx_config(dir: &Path, listen: SocketAddr, upstream: &Upstream, keepalive: u32) -> String {
-    let ca = upstream.pki.ca_file().display().to_string();
-    let dir = dir.display();
+/// The part of an nginx configuration both nginx instances share: one worker in the
+/// foreground, every file under `dir`, then the opening of the `http` block.
+fn nginx_preamble(dir: &Path) -> String {
     let user = if is_root() { "user root;\n" } else { "" };
+    let dir = dir.display();
     format!(
-        r#"# Written by benches/load.rs; nginx runs in the foreground on one core.
-{user}worker_processes 1;
+        r#"{user}worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{
@@ -1126,7 +1078,65 @@ http {{
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    scgi_temp_path {dir}/scgi;"#
+    )
+}
+
+/// Starts nginx in the foreground with `config`, its prefix and error log in `dir`, pinned
+/// to `core` when pinning.
+fn spawn_nginx(
+    settings: &Settings,
+    core: usize,
+    dir: &Path,
+    config: &Path,
+) -> Result<Child, String> {
+    let mut command = if settings.pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", &core.to_string()]).arg(&settings.nginx);
+        command
+    } else {
+        Command::new(&settings.nginx)
+    };
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(config)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .map_err(|error| format!("{}: {error}", settings.nginx.display()))
+}
+
+/// SIGTERM (fast shutdown of master and workers), then waits; SIGKILL if it lingers.
+async fn stop_nginx(child: &mut Child, pid: u32) {
+    let workers = children(pid);
+    signal("TERM", pid);
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        signal("KILL", pid);
+        let _ = child.wait().await;
+    }
+    for worker in workers {
+        if Path::new(&format!("/proc/{worker}")).exists() {
+            signal("KILL", worker);
+        }
+    }
+}
+
+fn nginx_config(dir: &Path, listen: SocketAddr, upstream: &Upstream, keepalive: u32) -> String {
+    let ca = upstream.pki.ca_file().display().to_string();
+    format!(
+        r#"# Written by benches/load.rs; nginx runs in the foreground on one core.
+{preamble}
     keepalive_requests 100000;
     upstream relay_upstream {{
         server {relay};
@@ -1150,6 +1160,7 @@ http {{
     }}
 }}
 "#,
+        preamble = nginx_preamble(dir),
         relay = upstream.addr,
         name = upstream.name,
     )
@@ -1174,30 +1185,8 @@ impl Nginx {
         let config = dir.path().join("nginx.conf");
         std::fs::write(&config, nginx_config(dir.path(), addr, upstream, keepalive))
             .map_err(|error| error.to_string())?;
-        let mut command = if settings.pin {
-            let mut command = Command::new("taskset");
-            command
-                .args(["-c", &PROXY_CORE.to_string()])
-                .arg(&settings.nginx);
-            command
-        } else {
-            Command::new(&settings.nginx)
-        };
-        command
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&config)
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .args(["-g", "daemon off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .map_err(|error| format!("cannot start {}: {error}", settings.nginx.display()))?;
+        let child = spawn_nginx(settings, PROXY_CORE, dir.path(), &config)
+            .map_err(|error| format!("cannot start {error}"))?;
         let pid = child.id().ok_or("nginx exited at once")?;
         let mut nginx = Nginx {
             child,
@@ -1237,22 +1226,8 @@ impl Nginx {
         }
     }
 
-    /// SIGTERM (fast shutdown of master and workers), then waits; SIGKILL if it lingers.
     async fn stop(mut self) {
-        let workers = children(self.pid);
-        signal("TERM", self.pid);
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            signal("KILL", self.pid);
-            let _ = self.child.wait().await;
-        }
-        for worker in workers {
-            if Path::new(&format!("/proc/{worker}")).exists() {
-                signal("KILL", worker);
-            }
-        }
+        stop_nginx(&mut self.child, self.pid).await;
     }
 }
 
