@@ -52,9 +52,8 @@
 //! `sidecar-http1`, the sidecar speaking HTTP/1.1 to the relay over one pool connection per
 //! client, and `sidecar-alt`, the default sidecar with the extra environment `LOAD_ALT_ENV`
 //! (`KEY=VALUE,...`, e.g. `SPRINT_SIDECAR_POOL_SIZE=8`; `;` separates variants) to compare
-//! settings side by side; `LOAD_ALT_BIN`, or `BIN=path` in a variant, runs it from another
-//! build, e.g. a copy of the binary before a change,
-//! run only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
+//! settings side by side; `BIN=path` in a variant runs it from another build, e.g. a copy
+//! of the binary before a change; both run only when named), `LOAD_PIN` (1: pin as above; 0: let the scheduler place
 //! everything), `NGINX` (default `/usr/sbin/nginx`), `SIDECAR_BIN` (must be the binary Cargo
 //! built for this bench), `LOAD_STEAL_LIMIT` (2: a healthy window in which the hypervisor stole
 //! more than this percentage of either core, `/proc/stat` steal, is measured again, at most
@@ -120,8 +119,6 @@ struct Settings {
     pin: bool,
     nginx: PathBuf,
     sidecar: PathBuf,
-    /// `LOAD_ALT_BIN`: the binary of the `sidecar-alt` variants (default: the built one).
-    alt_binary: Option<PathBuf>,
     /// `LOAD_STEAL_LIMIT` (percent): a healthy window with more steal is measured again,
     /// at most `LOAD_STEAL_RETRIES` times.
     steal_limit: f64,
@@ -234,7 +231,6 @@ impl Settings {
             nginx: PathBuf::from(env_or("NGINX", "/usr/sbin/nginx".to_owned())?),
             sidecar: PathBuf::from(env_or("SIDECAR_BIN", support::sidecar::BINARY.to_owned())?),
             alt_envs,
-            alt_binary: std::env::var_os("LOAD_ALT_BIN").map(PathBuf::from),
             steal_limit: env_or("LOAD_STEAL_LIMIT", 2.0)? / 100.0,
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
             relay: match env_or("LOAD_RELAY", "nginx".to_owned())?.as_str() {
@@ -1686,8 +1682,7 @@ impl Bench {
                 let binary = alt_env
                     .iter()
                     .find(|(key, _)| key == "BIN")
-                    .map(|(_, path)| Path::new(path.as_str()))
-                    .or(settings.alt_binary.as_deref());
+                    .map(|(_, path)| Path::new(path.as_str()));
                 let env_start = alt_env.partition_point(|(key, _)| key == "BIN");
                 variants.push((
                     format!("sprint-sidecar alt ({})", described.join(" ")),
