@@ -18,7 +18,7 @@
 //!                                                        │        │   worker; or in-process)
 //!  core 0: proxy under test ◀── plain HTTP/1.1 ──────────┘        │
 //!          nginx: worker_processes 1          ── TLS (verify, SNI relay.test) ──┘
-//!          sprint-sidecar: TOKIO_WORKER_THREADS=1
+//!          sprint-sidecar: runtime.worker_threads 1
 //!  reference: the load generator speaks TLS to the relay itself (no proxy)
 //! ```
 //!
@@ -1277,8 +1277,9 @@ async fn start_sidecar(
             "wipe_freed_memory",
             if wipe { "true" } else { "false" },
         )
-        // One tokio worker thread: the same single core nginx's one worker process gets.
-        .env("TOKIO_WORKER_THREADS", "1")
+        // One event loop (the default, said here so the comparison does not depend on it):
+        // the same single core nginx's one worker process gets.
+        .set("runtime", "worker_threads", "1")
         .start()
         .await;
     let pid = sidecar.pid().ok_or("the sidecar exited at once")?;
@@ -1832,7 +1833,7 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
     println!(
         "  {cores} cores; {}",
         if settings.pin {
-            "proxy pinned to core 0 (nginx worker_processes 1 / sidecar TOKIO_WORKER_THREADS=1), \
+            "proxy pinned to core 0 (nginx worker_processes 1 / sidecar runtime.worker_threads 1), \
              load generator + relay pinned to core 1"
         } else {
             "no pinning"

@@ -24,6 +24,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub memory: MemoryConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
     /// The merged raw values, kept for `check-config`.
     raw: RawConfig,
     warnings: Vec<String>,
@@ -155,6 +156,41 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The event loop the whole process runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads of the tokio runtime; 0 = one per available core.
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of worker threads to start: `worker_threads`, or with 0 one per core the
+    /// process may use (`available_parallelism` counts the CPU affinity mask and the cgroup
+    /// CPU quota).
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: DEFAULT_WORKER_THREADS,
+        }
+    }
+}
+
+/// One event loop: a sidecar shares its pod's cores with the application it serves, and one
+/// loop on one core proxies tens of thousands of requests per second without cross-thread
+/// hand-offs (README, Performance).
+const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// More worker threads than this is a typo, not a deployment.
+const MAX_WORKER_THREADS: i64 = 1024;
+
 // ---------------------------------------------------------------------------------------
 // Raw layer: what files, environment and flags can say, with the documented defaults.
 
@@ -170,6 +206,7 @@ struct RawConfig {
     retry: RawRetry,
     memory: RawMemory,
     log: RawLog,
+    runtime: RawRuntime,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -358,6 +395,20 @@ impl Default for RawLog {
         RawLog {
             format: "text".into(),
             level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRuntime {
+    worker_threads: i64,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        RawRuntime {
+            worker_threads: DEFAULT_WORKER_THREADS as i64,
         }
     }
 }
@@ -940,6 +991,16 @@ impl RawConfig {
             ));
         }
         let log = LogConfig { format, level };
+        let threads = self.runtime.worker_threads;
+        if !(0..=MAX_WORKER_THREADS).contains(&threads) {
+            c.problems.push(format!(
+                "runtime.worker_threads: must be 0 (one per core) or between 1 and \
+                 {MAX_WORKER_THREADS}, got {threads}"
+            ));
+        }
+        let runtime = RuntimeConfig {
+            worker_threads: threads.clamp(0, MAX_WORKER_THREADS) as usize,
+        };
         if !c.problems.is_empty() {
             return Err(ConfigError {
                 problems: c.problems,
@@ -954,6 +1015,7 @@ impl RawConfig {
             retry,
             memory,
             log,
+            runtime,
             raw: self,
             warnings: Vec::new(),
         })
@@ -1092,6 +1154,34 @@ mod tests {
         let c =
             load_text("", &env, &Overrides::default()).expect("unknown variables are not fatal");
         assert!(c.warnings()[0].contains("SPRINT_SIDECAR_ADMIN_SERVICE_HOST"));
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_event_loop_and_zero_means_one_per_core() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert_eq!(c.runtime.worker_threads, 1);
+        assert_eq!(c.runtime.threads(), 1);
+        let env = [("SPRINT_SIDECAR_RUNTIME_WORKER_THREADS", "0")];
+        let c = load_text("", &env, &Overrides::default()).expect("0 is valid");
+        assert_eq!(c.runtime.worker_threads, 0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.runtime.threads(), cores);
+        let c = load_text(
+            "[runtime]\nworker_threads = 3\n",
+            &[],
+            &Overrides::default(),
+        )
+        .expect("3 is valid");
+        assert_eq!(c.runtime.threads(), 3);
+        for bad in ["-1", "5000"] {
+            let text = format!("[runtime]\nworker_threads = {bad}\n");
+            let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("runtime.worker_threads") && msg.contains(bad),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sprint_sidecar::app::{self, AppError};
-use sprint_sidecar::config::{Config, LogFormat, Overrides};
+use sprint_sidecar::config::{Config, LogFormat, Overrides, RuntimeConfig};
 use sprint_sidecar::shutdown::Shutdown;
 use sprint_sidecar::{demo, secret, status_cli};
 
@@ -114,20 +114,16 @@ fn fail(e: &AppError) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
-/// The tokio runtime: one worker per available core (`TOKIO_WORKER_THREADS` overrides, the
-/// cgroup CPU quota counts). With a single worker a single-threaded event loop does the same
-/// work without the cross-thread queues and wake-ups of the work-stealing scheduler — the shape
-/// of one nginx worker process.
-fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut builder = if workers == 1 {
+/// The tokio runtime with `threads` workers. One worker runs a single-threaded event loop: the
+/// same work without the cross-thread queues and wake-ups of the work-stealing scheduler, the
+/// shape of one nginx worker process.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, AppError> {
+    let mut builder = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
     };
     builder
         .enable_all()
@@ -156,7 +152,13 @@ fn run(args: &RunArgs) -> Result<(), AppError> {
     // Hardening and secrets come before any thread is spawned.
     let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
-    runtime()?.block_on(app::run(cfg, state, credential, Shutdown::new(), announce))
+    runtime(cfg.runtime.threads())?.block_on(app::run(
+        cfg,
+        state,
+        credential,
+        Shutdown::new(),
+        announce,
+    ))
 }
 
 fn check_config(args: &RunArgs) -> Result<(), AppError> {
@@ -189,7 +191,8 @@ fn main() -> ExitCode {
         Some(Command::Demo) => {
             let a = &cli.run;
             init_tracing(LogFormat::Text, a.log_level.as_deref().unwrap_or("info"));
-            runtime().and_then(|rt| rt.block_on(demo::run(a.overrides())))
+            runtime(RuntimeConfig::default().threads())
+                .and_then(|rt| rt.block_on(demo::run(a.overrides())))
         }
         Some(Command::Status {
             admin,
@@ -201,7 +204,7 @@ fn main() -> ExitCode {
                 Some(Err(e)) => return fail(&AppError::config(e.to_string())),
                 None => None,
             };
-            match runtime().map(|rt| rt.block_on(status_cli::run(admin, *json, token))) {
+            match runtime(1).map(|rt| rt.block_on(status_cli::run(admin, *json, token))) {
                 Ok(Ok(true)) => Ok(()),
                 Ok(Ok(false)) => return ExitCode::from(1),
                 Ok(Err(e)) => Err(AppError::config(e.to_string())),

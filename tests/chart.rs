@@ -670,7 +670,7 @@ fn rendered_sidecar_toml_has_every_section_and_the_values() {
     );
     let toml = rendered.sidecar_toml();
     for section in [
-        "listener", "admin", "upstream", "pool", "breaker", "retry", "memory", "log",
+        "listener", "admin", "upstream", "pool", "breaker", "retry", "memory", "log", "runtime",
     ] {
         assert!(
             toml.lines()

@@ -96,7 +96,7 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
     // Defaults appear too: it is the *effective* configuration.
     let table: toml::Table = toml::from_str(&output.stdout).expect("TOML output");
     for section in [
-        "listener", "admin", "upstream", "pool", "breaker", "retry", "memory", "log",
+        "listener", "admin", "upstream", "pool", "breaker", "retry", "memory", "log", "runtime",
     ] {
         assert!(
             table.contains_key(section),

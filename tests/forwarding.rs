@@ -58,7 +58,7 @@ async fn answers_hundreds_of_concurrent_requests(protocol: Proto, workers: Optio
             .pool_size(4)
             .set_str("pool", "request_timeout", "60s");
         match workers {
-            Some(n) => sidecar.env("TOKIO_WORKER_THREADS", n),
+            Some(n) => sidecar.set("runtime", "worker_threads", n),
             None => sidecar,
         }
     })
@@ -126,15 +126,56 @@ async fn answers_hundreds_of_concurrent_requests_over_http1() {
     answers_hundreds_of_concurrent_requests(Proto::Http1, None).await;
 }
 
-/// One worker thread (a pod limited to one CPU) runs the single-threaded event loop.
+/// `runtime.worker_threads = 4`: the work-stealing scheduler of several worker threads (more
+/// than this machine may have cores) moves requests and relay connections between threads.
 #[tokio::test(flavor = "multi_thread")]
-async fn answers_hundreds_of_concurrent_requests_on_one_worker_thread_over_h2() {
-    answers_hundreds_of_concurrent_requests(Proto::H2, Some("1")).await;
+async fn answers_hundreds_of_concurrent_requests_on_four_worker_threads_over_h2() {
+    answers_hundreds_of_concurrent_requests(Proto::H2, Some("4")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn answers_hundreds_of_concurrent_requests_on_one_worker_thread_over_http1() {
-    answers_hundreds_of_concurrent_requests(Proto::Http1, Some("1")).await;
+async fn answers_hundreds_of_concurrent_requests_on_four_worker_threads_over_http1() {
+    answers_hundreds_of_concurrent_requests(Proto::Http1, Some("4")).await;
+}
+
+/// The threads of a running process (`Threads:` of `/proc/PID/status`).
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a Threads: line")
+}
+
+/// By default the whole process is one thread: the event loop runs on the main thread.
+/// `runtime.worker_threads = N` starts N worker threads next to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_worker_threads_decides_the_threads_of_the_process() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let pid = sidecar.pid().expect("running");
+    let answer = sidecar
+        .client()
+        .get(sidecar.data_url("/one-thread"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(threads_of(pid), 1, "one event loop on the main thread");
+
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("runtime", "worker_threads", "3")
+    })
+    .await;
+    let pid = sidecar.pid().expect("running");
+    let answer = sidecar
+        .client()
+        .get(sidecar.data_url("/three-threads"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(threads_of(pid), 4, "the main thread and three workers");
 }
 
 // ---- bodies ----

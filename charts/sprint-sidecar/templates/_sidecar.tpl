@@ -206,7 +206,7 @@ numbers, booleans and string arrays are valid TOML.
 {{- $secrets := $s.secrets -}}
 # sidecar.toml rendered by the sprint-sidecar Helm chart from .Values.sidecar.config.
 # Keys commented "chart:" are derived from other values (ports, secrets, ca).
-{{- range $section := list "listener" "admin" "upstream" "pool" "breaker" "retry" "memory" "log" }}
+{{- range $section := list "listener" "admin" "upstream" "pool" "breaker" "retry" "memory" "log" "runtime" }}
 
 [{{ $section }}]
 {{- if eq $section "listener" }}
