@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# A cross-check of benches/load.rs with a third-party client and no pinning: the deployment as
+# shipped. wrk (2 threads, 64 connections, a 101-byte JSON-RPC POST) drives, in turn, nginx as
+# the peer proxy (`worker_processes auto` and `1`, `keepalive 64`, proxy_ssl_verify on,
+# proxy_ssl_session_reuse on) and the release sprint-sidecar with its default configuration
+# (runtime.worker_threads 1) and with `worker_threads = 0` (one per core). All of them, wrk and
+# an nginx TLS relay (h2, fixed answer) share the machine's cores as the scheduler places them.
+# Prints each window, then per proxy the mean req/s, p99 and CPU seconds per 10 000 requests
+# (utime+stime of the proxy's processes from /proc) over the rounds, and the ratios to nginx.
+#
+# Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
+# `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
+# CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+window=${SECONDS_PER_WINDOW:-8}
+rounds=${ROUNDS:-4}
+connections=${CONNECTIONS:-64}
+bin=$(realpath "${SIDECAR_BIN:-target/release/sprint-sidecar}")
+base=${PORT_BASE:-18000}
+nginx=${NGINX:-/usr/sbin/nginx}
+for tool in "$nginx" wrk openssl python3 "$bin"; do
+    command -v "$tool" >/dev/null || { echo "wrk-side-by-side: $tool not found" >&2; exit 2; }
+done
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for conf in "$dir"/*/nginx.conf; do "$nginx" -c "$conf" -s stop 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# A test CA and the relay's certificate for relay.test.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=relay.test" \
+    -keyout "$dir/relay.key" -out "$dir/relay.csr" 2>/dev/null
+openssl x509 -req -in "$dir/relay.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile <(printf 'subjectAltName=DNS:relay.test\n') -out "$dir/relay.pem" 2>/dev/null
+token="Bearer 3f9a1c7e5b2d4f6a8c0e1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a"
+(umask 077 && printf '%s' "$token" >"$dir/token")
+answer='{"jsonrpc":"2.0","id":1,"result":"00000000000000000002a7c4c1e48d76c5a37902165a270156b7a8d72728a054"}'
+user=""
+[ "$(id -u)" = 0 ] && user="user root;"
+
+# nginx_conf NAME WORKERS BODY: an nginx instance under $dir/NAME.
+nginx_conf() {
+    mkdir -p "$dir/$1"
+    cat >"$dir/$1/nginx.conf" <<EOF
+$user
+worker_processes $2;
+pid $dir/$1/nginx.pid;
+error_log $dir/$1/error.log error;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/$1/body; proxy_temp_path $dir/$1/proxy;
+    fastcgi_temp_path $dir/$1/fcgi; uwsgi_temp_path $dir/$1/uwsgi; scgi_temp_path $dir/$1/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+$3
+}
+EOF
+    "$nginx" -c "$dir/$1/nginx.conf"
+}
+relay_port=$base
+nginx_conf relay 1 "    server {
+        listen 127.0.0.1:$relay_port ssl http2;
+        ssl_certificate $dir/relay.pem; ssl_certificate_key $dir/relay.key;
+        location / { default_type application/json; return 200 '$answer'; }
+    }"
+peer() { # NAME WORKERS PORT
+    nginx_conf "$1" "$2" "    upstream relay { server 127.0.0.1:$relay_port; keepalive 64; keepalive_requests 10000000; }
+    server {
+        listen 127.0.0.1:$3;
+        location / {
+            proxy_pass https://relay;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host relay.test;
+            proxy_set_header Authorization \"$token\";
+            proxy_ssl_verify on; proxy_ssl_trusted_certificate $dir/ca.pem;
+            proxy_ssl_name relay.test; proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on; proxy_ssl_protocols TLSv1.2 TLSv1.3;
+        }
+    }"
+}
+sidecar() { # NAME WORKER_THREADS PORT
+    mkdir -p "$dir/$1"
+    cat >"$dir/$1/sidecar.toml" <<EOF
+[listener]
+address = "127.0.0.1:$3"
+[admin]
+address = "127.0.0.1:$(($3 + 1))"
+[upstream]
+endpoint = "127.0.0.1:$relay_port"
+server_name = "relay.test"
+ca_file = "$dir/ca.pem"
+auth_token_file = "$dir/token"
+[runtime]
+worker_threads = $2
+EOF
+    "$bin" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
+    pids+=($!)
+    echo $! >"$dir/$1/pid"
+}
+names=(nginx-auto nginx-1 sidecar sidecar-per-core)
+peer nginx-auto auto $((base + 10))
+peer nginx-1 1 $((base + 20))
+sidecar sidecar 1 $((base + 30))
+sidecar sidecar-per-core 0 $((base + 40))
+declare -A port=([nginx-auto]=$((base + 10)) [nginx-1]=$((base + 20)) [sidecar]=$((base + 30))
+    [sidecar-per-core]=$((base + 40)))
+procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar
+    case $1 in
+    nginx*) local master; master=$(cat "$dir/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
+    *) cat "$dir/$1/pid" ;;
+    esac
+}
+ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+cat >"$dir/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = '{"jsonrpc":"2.0","id":1,"method":"getblockhash","params":[840000]}                                  '
+wrk.headers["Content-Type"] = "application/json"
+EOF
+for name in "${names[@]}"; do # every proxy answers before the windows start
+    for _ in $(seq 50); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{}' "http://127.0.0.1:${port[$name]}/" || true)
+        [ "$code" = 200 ] && break
+        sleep 0.2
+    done
+    [ "$code" = 200 ] || { echo "wrk-side-by-side: $name does not answer 200 (got $code)" >&2; exit 1; }
+done
+hz=$(getconf CLK_TCK)
+echo "wrk -t2 -c$connections, $rounds rounds of ${window} s per proxy, interleaved; $(nproc) cores, no pinning"
+results="$dir/results"
+for round in $(seq "$rounds"); do
+    for name in "${names[@]}"; do
+        p=$(procs "$name")
+        before=$(ticks "$p")
+        out=$(wrk -t2 -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
+        after=$(ticks "$p")
+        requests=$(awk '/requests in/ {print $1}' <<<"$out")
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+        errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
+        rss=$(for q in $p; do awk '/VmHWM/ {print $2}' "/proc/$q/status"; done | awk '{s += $1} END {print s}')
+        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss" | tee -a "$results"
+    done
+done
+python3 - "$results" "$hz" <<'EOF'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1])]
+hz = float(sys.argv[2])
+def ms(v):
+    return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
+agg = {}
+for _, name, rps, p99, ticks, requests, errors, rss in rows:
+    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "errors": 0, "rss": 0})
+    a["rps"].append(float(rps)); a["p99"].append(ms(p99))
+    a["cpu"].append(int(ticks) / hz / int(requests) * 10000)
+    a["errors"] += int(errors); a["rss"] = max(a["rss"], int(rss))
+print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors")
+mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu")} for k, v in agg.items()}
+for k, v in agg.items():
+    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']}")
+print("\nratios (mean over rounds)")
+for s in ("sidecar", "sidecar-per-core"):
+    for n in ("nginx-auto", "nginx-1"):
+        r = {m: mean[s][m] / mean[n][m] for m in ("rps", "p99", "cpu")}
+        print(f"  {s} / {n:10}  req/s {r['rps']:.2f}  p99 {r['p99']:.2f}  CPU/request {r['cpu']:.2f}")
+EOF
