@@ -148,34 +148,36 @@ fn threads_of(pid: u32) -> usize {
         .expect("a Threads: line")
 }
 
+/// Starts a sidecar configured by `configure`, proxies one request through it and returns
+/// the threads its process has then.
+async fn threads_after_a_request(
+    configure: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
+) -> usize {
+    let (_relay, sidecar) = start(Proto::H2, configure).await;
+    let answer = sidecar
+        .client()
+        .get(sidecar.data_url("/threads"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status(), 200);
+    threads_of(sidecar.pid().expect("running"))
+}
+
 /// By default the whole process is one thread: the event loop runs on the main thread.
 /// `runtime.worker_threads = N` starts N worker threads next to it.
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_worker_threads_decides_the_threads_of_the_process() {
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
-    let pid = sidecar.pid().expect("running");
-    let answer = sidecar
-        .client()
-        .get(sidecar.data_url("/one-thread"))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(answer.status(), 200);
-    assert_eq!(threads_of(pid), 1, "one event loop on the main thread");
-
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set("runtime", "worker_threads", "3")
-    })
-    .await;
-    let pid = sidecar.pid().expect("running");
-    let answer = sidecar
-        .client()
-        .get(sidecar.data_url("/three-threads"))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(answer.status(), 200);
-    assert_eq!(threads_of(pid), 4, "the main thread and three workers");
+    assert_eq!(
+        threads_after_a_request(|sidecar| sidecar).await,
+        1,
+        "one event loop on the main thread"
+    );
+    assert_eq!(
+        threads_after_a_request(|sidecar| sidecar.set("runtime", "worker_threads", "3")).await,
+        4,
+        "the main thread and three workers"
+    );
 }
 
 // ---- bodies ----
