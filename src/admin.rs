@@ -10,7 +10,7 @@
 //! | `GET /api/v1/secure-channel/health` | 200 / 503 with the reason |
 //! | `GET /api/v1/secure-channel/connections[/{id}]` | connections; 404 unknown id, 400 malformed |
 //! | `GET /api/v1/secure-channel/stats` | aggregates since start |
-//! | `GET /api/v1/secure-channel/metrics` | the pool's metric families |
+//! | `GET /api/v1/secure-channel/metrics` | the pool's families (Prometheus text, or OpenMetrics on request) |
 //! | `GET /api/v1/memory-protection/status` | secret-memory protection |
 //! | `GET /api/v1/memory-protection/self-check` | kernel-verified checks; 200 / 503 |
 //! | `GET /metrics` | every family (OpenMetrics, or Prometheus text on request) |
@@ -392,10 +392,7 @@ fn metrics_response(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if accept.contains("application/openmetrics-text")
-        || accept.is_empty()
-        || accept.contains("*/*") && !accept.contains("text/plain")
-    {
+    if crate::metrics::wants_openmetrics(accept, !pool_only) {
         text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -476,6 +476,19 @@ impl Metrics {
     }
 }
 
+/// The text format a scrape gets, from its `Accept` header.
+///
+/// `/metrics` is OpenMetrics unless the scraper asks for `text/plain` only (a header that
+/// names neither format, or none, gets OpenMetrics). `/api/v1/secure-channel/metrics` is the
+/// Prometheus text format unless the scraper names OpenMetrics, so `curl … | promtool check
+/// metrics` works on it as is (SPEC §6). Prometheus itself names both and gets OpenMetrics.
+pub fn wants_openmetrics(accept: &str, openmetrics_by_default: bool) -> bool {
+    if accept.contains("application/openmetrics-text") {
+        return true;
+    }
+    openmetrics_by_default && !accept.contains("text/plain")
+}
+
 /// Converts OpenMetrics text to the Prometheus text format 0.0.4 for scrapers that ask
 /// for `text/plain` only: counters are typed under their `_total` sample name, info
 /// metrics become gauges, `# UNIT` and `# EOF` lines go.
@@ -568,6 +581,20 @@ mod tests {
         assert!(!text.contains("# UNIT"));
         assert!(text.contains("# TYPE sprint_sidecar_upstream_reconnects_total counter"));
         assert!(text.contains("# TYPE sprint_sidecar_build_info gauge"));
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for default in [true, false] {
+            assert!(wants_openmetrics(prometheus, default));
+            assert!(wants_openmetrics("application/openmetrics-text", default));
+            assert!(!wants_openmetrics("text/plain", default));
+            assert!(!wants_openmetrics("text/plain;version=0.0.4", default));
+            assert_eq!(wants_openmetrics("", default), default);
+            assert_eq!(wants_openmetrics("*/*", default), default);
+        }
     }
 
     #[test]

@@ -596,18 +596,29 @@ async fn every_endpoint_answers_with_its_status_type_and_fields() {
         "passed is the conjunction of the checks: {document}"
     );
 
-    for path in ["/metrics", "/api/v1/secure-channel/metrics"] {
-        let metrics = admin_get(&sidecar, path).await;
-        assert_eq!(metrics.status, 200, "{path}");
-        assert!(
-            metrics
-                .content_type()
-                .starts_with("application/openmetrics-text"),
-            "{path} serves OpenMetrics by default: {:?}",
-            metrics.content_type()
-        );
-        assert!(metrics.text().ends_with("# EOF\n"), "{path}");
-    }
+    // Without an Accept header: /metrics is OpenMetrics, the pool's endpoint Prometheus text.
+    let metrics = admin_get(&sidecar, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .content_type()
+            .starts_with("application/openmetrics-text"),
+        "/metrics serves OpenMetrics by default: {:?}",
+        metrics.content_type()
+    );
+    assert!(metrics.text().ends_with("# EOF\n"));
+    let pool = admin_get(&sidecar, "/api/v1/secure-channel/metrics").await;
+    assert_eq!(pool.status, 200);
+    assert!(
+        pool.content_type().starts_with("text/plain; version=0.0.4"),
+        "/api/v1/secure-channel/metrics serves Prometheus text by default: {:?}",
+        pool.content_type()
+    );
+    assert!(
+        !pool.text().contains("# EOF") && pool.text().contains("# TYPE sprint_sidecar_"),
+        "{}",
+        pool.text()
+    );
 
     let openapi = admin_get(&sidecar, "/openapi.json").await;
     assert_eq!(openapi.status, 200);

@@ -386,11 +386,16 @@ const ACCEPTED_PROMTOOL_FINDINGS: &[(&str, &str)] = &[];
 async fn prometheus_text_exposition_passes_promtool_without_findings() {
     let promtool = promtool();
     let (_relay, sidecar) = busy().await;
-    for path in ["/metrics", "/api/v1/secure-channel/metrics"] {
-        let (content_type, text) = scrape(&sidecar, path, "text/plain").await;
+    // The pool's endpoint is Prometheus text also for curl's `Accept: */*` (SPEC §6).
+    for (path, accept) in [
+        ("/metrics", "text/plain"),
+        ("/api/v1/secure-channel/metrics", "text/plain"),
+        ("/api/v1/secure-channel/metrics", "*/*"),
+    ] {
+        let (content_type, text) = scrape(&sidecar, path, accept).await;
         assert!(
             content_type.starts_with(PROMETHEUS_TEXT),
-            "{path} with Accept: text/plain answers {content_type:?}"
+            "{path} with Accept: {accept} answers {content_type:?}"
         );
         assert!(
             !text.contains("# EOF") && !text.contains("# UNIT"),
