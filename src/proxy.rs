@@ -24,6 +24,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod client_io;
+
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::response::json_error;
@@ -118,19 +120,33 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let _ = stream.set_nodelay(true);
         plane.metrics.client_connection_opened();
         let p = plane.clone();
+        let exchange = Arc::new(client_io::Exchange::default());
+        let seen = exchange.clone();
         let service = service_fn(move |req| {
+            seen.request_started();
             let p = p.clone();
             async move { Ok::<_, Infallible>(handle(&p, req).await) }
         });
+        let io = client_io::ClientIo::new(stream, exchange.clone(), cfg.listener.max_header_bytes);
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let metrics = plane.metrics.clone();
+        let header_read_timeout = cfg.listener.header_read_timeout;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "client connection ended with an error");
+                let timed_out = e
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout);
+                if let Some(stream) = exchange.take_stalled()
+                    && timed_out
+                {
+                    client_io::answer_header_timeout(stream, header_read_timeout).await;
+                }
             }
+            drop(exchange.take_stalled());
             metrics.client_connection_closed();
             drop(permit);
         });

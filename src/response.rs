@@ -11,6 +11,12 @@ pub fn json_error(status: StatusCode, error: &str, detail: &str) -> Response<Ful
     json(status, &body)
 }
 
+/// The body of [`json_error`], for answers written below hyper.
+pub fn json_error_body(error: &str, detail: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": error, "detail": detail });
+    serde_json::to_vec_pretty(&body).unwrap_or_else(|_| b"{}".to_vec())
+}
+
 /// A JSON answer of any serializable document.
 pub fn json<T: serde::Serialize>(status: StatusCode, doc: &T) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec_pretty(doc).unwrap_or_else(|_| b"{}".to_vec());

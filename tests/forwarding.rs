@@ -568,7 +568,7 @@ async fn oversized_headers_get_431() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_client_headers_are_cut_off() {
     // Time is the subject here: header_read_timeout = 300ms, the client never finishes.
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
         sidecar.set_str("listener", "header_read_timeout", "300ms")
     })
     .await;
@@ -584,9 +584,140 @@ async fn slow_client_headers_are_cut_off() {
         elapsed < Duration::from_secs(4),
         "the connection must be cut off, took {elapsed:?}"
     );
-    if let Some(status) = support::raw_status(&answer) {
-        assert_eq!(status, 408, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        support::raw_status(&answer),
+        Some(408),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (error, detail) = assert_json_error(408, support::raw_body(&answer));
+    assert_eq!(error, "request_timeout");
+    assert!(detail.contains("listener.header_read_timeout"), "{detail}");
+    assert_eq!(relay.count_path("/slow"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Between requests nothing is half read: when the header timer closes a kept-alive
+    // connection that waits for its next request, no 408 (or other stray bytes) is written.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "header_read_timeout", "300ms")
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(b"GET /idle HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .expect("the request is sent");
+    let mut answer = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .expect("the answer is read");
+    assert_eq!(support::raw_status(&answer[..n]), Some(200));
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed within 5 s")
+        .expect("read");
+    assert!(
+        rest.is_empty(),
+        "an idle connection is closed silently, got {}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_hyper_cannot_parse_get_json_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_header_bytes", "16384")
+    })
+    .await;
+    let cases: [(&str, Vec<u8>, u16, &str); 4] = [
+        ("garbage", b"GARBAGE\r\n\r\n".to_vec(), 400, "bad_request"),
+        (
+            "a space in a header name",
+            b"GET /bad HTTP/1.1\r\nHost: app.example\r\nBad Header: x\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /bad HTTP/1.1\r\nHost: app.example\r\nContent-Length: 5\r\n\
+              Content-Length: 6\r\n\r\nhello"
+                .to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            // past hyper's own buffer (4 x max_header_bytes), so hyper, not the handler, sees it
+            "a head of 256 KiB",
+            [
+                &b"GET /bad HTTP/1.1\r\nHost: app.example\r\nX-Filler: "[..],
+                &vec![b'f'; 256 * 1024],
+                b"\r\n\r\n",
+            ]
+            .concat(),
+            431,
+            "headers_too_large",
+        ),
+    ];
+    for (what, raw, status, code) in cases {
+        let answer = support::raw_exchange(sidecar.data_addr(), &raw, Duration::from_secs(5)).await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(status),
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let (error, _) = assert_json_error(status, support::raw_body(&answer));
+        assert_eq!(error, code, "{what}");
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(
+            text.contains("content-type: application/json\r\n"),
+            "{what}: {text}"
+        );
     }
+    assert_eq!(
+        relay.count_path("/bad"),
+        0,
+        "nothing malformed reaches the relay"
+    );
+
+    // On a kept-alive connection: a good request, its answer, then a malformed one.
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .expect("sent");
+    let mut first = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first))
+        .await
+        .expect("answered within 5 s")
+        .expect("read");
+    assert_eq!(support::raw_status(&first[..n]), Some(200));
+    stream
+        .write_all(b"GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n")
+        .await
+        .expect("sent");
+    let mut second = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut second))
+        .await
+        .expect("answered and closed within 5 s")
+        .expect("read");
+    assert_eq!(
+        support::raw_status(&second),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&second)
+    );
+    assert_json_error(400, support::raw_body(&second));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,390 @@
+//! The client socket as hyper's server sees it. hyper answers a few kinds of bad input on
+//! its own, before any handler runs: a request it cannot parse gets a bare `400`, a head
+//! larger than its buffer a bare `431`, an over-long target a bare `414`, and a head that
+//! does not arrive within `listener.header_read_timeout` gets no answer at all. SPEC §5 wants
+//! JSON errors for bad client input, so this wrapper
+//!
+//! * recognises hyper's own error head in the write stream and writes a JSON answer with the
+//!   same status in its place ([`hyper_error_status`]), and
+//! * keeps the socket when the connection ends with half a request head read, so that the
+//!   accept loop can answer `408` once hyper reports the header timeout
+//!   ([`Exchange::take_stalled`]).
+//!
+//! How a write is told apart from the handler's answers: hyper writes its own error head
+//! only right after reading bytes that did not make a request. So a write is a candidate
+//! only when client bytes arrived since the last write, no request reached the handler
+//! since those bytes ([`Exchange::request_started`] counts them), and every request the
+//! handler took already has its answer started. A candidate must then match hyper's exact
+//! error head (`connection: close`, `content-length: 0`, `date`, nothing else). On an h2c
+//! connection the wrapper steps aside.
+//!
+//! Cost on the hot path: one relaxed atomic load and a few flag updates per read and write.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// What the connection's handler and its socket wrapper share.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// Requests handed to the handler so far.
+    calls: AtomicU64,
+    /// The socket, kept when the connection ended with a request head half read.
+    stalled: Mutex<Option<TcpStream>>,
+}
+
+impl Exchange {
+    /// Called by the handler for every request hyper hands it.
+    pub fn request_started(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The socket of a connection that ended while a request head was half read.
+    pub fn take_stalled(&self) -> Option<TcpStream> {
+        self.stalled.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// The accepted client socket, wrapped (see the module documentation).
+#[derive(Debug)]
+pub struct ClientIo {
+    /// `None` only after `Drop` moved it to [`Exchange::stalled`].
+    inner: Option<TcpStream>,
+    exchange: std::sync::Arc<Exchange>,
+    /// `listener.max_header_bytes`, named in the 431 answer.
+    max_header_bytes: usize,
+    /// Client bytes arrived since the last write.
+    read_since_write: bool,
+    /// `Exchange::calls` when client bytes last arrived.
+    calls_at_read: u64,
+    /// `Exchange::calls` when a write last happened: requests whose answer has started.
+    answered: u64,
+    /// The client speaks h2 (prior knowledge): hyper's HTTP/1.1 error heads cannot occur.
+    h2: bool,
+    /// Nothing read yet (the h2 preface check looks at the first bytes).
+    first_read: bool,
+    /// The client closed its side or the socket failed: no answer of ours is wanted.
+    ended: bool,
+    /// A JSON answer still to write in place of hyper's own error head.
+    replacement: Vec<u8>,
+    replaced: usize,
+}
+
+impl ClientIo {
+    pub fn new(
+        stream: TcpStream,
+        exchange: std::sync::Arc<Exchange>,
+        max_header_bytes: usize,
+    ) -> Self {
+        ClientIo {
+            inner: Some(stream),
+            exchange,
+            max_header_bytes,
+            read_since_write: false,
+            calls_at_read: 0,
+            answered: 0,
+            h2: false,
+            first_read: true,
+            ended: false,
+            replacement: Vec::new(),
+            replaced: 0,
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.inner.as_mut() {
+            Some(s) => Ok(Pin::new(s)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Whether client bytes that made no request arrived since the last write, with every
+    /// request's answer started: the state in which hyper writes its own error head.
+    fn bytes_without_request(&self) -> bool {
+        let calls = self.exchange.calls.load(Ordering::Relaxed);
+        !self.h2 && self.read_since_write && calls == self.calls_at_read && calls == self.answered
+    }
+
+    /// Records a write: the answers of all requests so far have started.
+    fn wrote(&mut self) {
+        self.answered = self.exchange.calls.load(Ordering::Relaxed);
+        self.read_since_write = false;
+    }
+
+    /// Replaces hyper's error head `head` with a JSON answer when it is one.
+    fn replace(&mut self, head: &[u8]) -> bool {
+        let Some((status, date)) = hyper_error_status(head) else {
+            return false;
+        };
+        let (error, detail) = match status {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+                "headers_too_large",
+                format!(
+                    "the request head exceeds listener.max_header_bytes ({} bytes)",
+                    self.max_header_bytes
+                ),
+            ),
+            StatusCode::URI_TOO_LONG => (
+                "uri_too_long",
+                "the request target is too long".to_string(),
+            ),
+            _ => (
+                "bad_request",
+                "malformed HTTP/1.1 request: the request line or a header field could not be parsed"
+                    .to_string(),
+            ),
+        };
+        self.replacement = raw_json_error(status, error, &detail, Some(date));
+        self.replaced = 0;
+        true
+    }
+
+    /// Writes what is left of a replacement answer.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.replaced < self.replacement.len() {
+            let Some(stream) = self.inner.as_mut() else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            let n = ready!(Pin::new(stream).poll_write(cx, &self.replacement[self.replaced..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.replaced += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn note_read(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            self.ended = true;
+            return;
+        }
+        if self.first_read {
+            self.first_read = false;
+            self.h2 = bytes.starts_with(b"PRI * HTTP/2");
+        }
+        self.read_since_write = true;
+        self.calls_at_read = self.exchange.calls.load(Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = this.stream()?.poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) => this.note_read(&buf.filled()[before..]),
+            Poll::Ready(Err(_)) => this.ended = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        if this.bytes_without_request() && this.replace(buf) {
+            // hyper counts its head as written; our answer goes out in its place (the rest
+            // of it on the flush that follows).
+            this.wrote();
+            let _ = this.poll_replacement(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let polled = this.stream()?.poll_write(cx, buf);
+        if polled.is_ready() {
+            this.wrote();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        if this.bytes_without_request() {
+            let mut filled = bufs.iter().filter(|b| !b.is_empty());
+            if let (Some(only), None) = (filled.next(), filled.next())
+                && this.replace(only)
+            {
+                this.wrote();
+                let _ = this.poll_replacement(cx)?;
+                return Poll::Ready(Ok(only.len()));
+            }
+        }
+        let polled = this.stream()?.poll_write_vectored(cx, bufs);
+        if polled.is_ready() {
+            this.wrote();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        this.stream()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_replacement(cx))?;
+        this.stream()?.poll_shutdown(cx)
+    }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        // Half a request head read, nothing answered since, the client still there: keep the
+        // socket so a header timeout can be answered with 408.
+        if !self.ended
+            && self.bytes_without_request()
+            && let Ok(mut slot) = self.exchange.stalled.lock()
+        {
+            *slot = self.inner.take();
+        }
+    }
+}
+
+/// Answers a client whose request head did not arrive in time: `408` JSON, then close.
+pub async fn answer_header_timeout(mut stream: TcpStream, timeout: std::time::Duration) {
+    let answer = raw_json_error(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        &format!(
+            "the request head did not arrive within listener.header_read_timeout ({})",
+            humantime::format_duration(timeout)
+        ),
+        None,
+    );
+    let write = async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
+
+/// The status and date of hyper's own error head: exactly `HTTP/1.1 <400|414|431> <reason>`,
+/// `connection: close`, `content-length: 0`, `date: ...`, an empty line, nothing else.
+pub fn hyper_error_status(head: &[u8]) -> Option<(StatusCode, &[u8])> {
+    let rest = head.strip_prefix(b"HTTP/1.1 ")?;
+    let status = match rest.get(..4)? {
+        b"400 " => StatusCode::BAD_REQUEST,
+        b"414 " => StatusCode::URI_TOO_LONG,
+        b"431 " => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => return None,
+    };
+    let reason = status.canonical_reason()?.as_bytes();
+    let rest = rest[4..].strip_prefix(reason)?;
+    let rest = rest.strip_prefix(b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ")?;
+    let date = rest.strip_suffix(b"\r\n\r\n")?;
+    // An IMF-fixdate is 29 visible characters.
+    (date.len() == 29 && date.iter().all(|b| b.is_ascii_graphic() || *b == b' '))
+        .then_some((status, date))
+}
+
+/// A whole HTTP/1.1 JSON error answer that closes the connection.
+fn raw_json_error(status: StatusCode, error: &str, detail: &str, date: Option<&[u8]>) -> Vec<u8> {
+    let body = crate::response::json_error_body(error, detail);
+    let date = match date {
+        Some(d) => String::from_utf8_lossy(d).into_owned(),
+        None => httpdate::fmt_http_date(std::time::SystemTime::now()),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n\
+         connection: close\r\ncontent-length: {}\r\ndate: {date}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYPER_400: &[u8] =
+        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                               date: Thu, 03 Dec 2026 18:52:39 GMT\r\n\r\n";
+
+    #[test]
+    fn hypers_error_heads_are_recognised() {
+        let (status, date) = hyper_error_status(HYPER_400).expect("hyper's 400");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(date, b"Thu, 03 Dec 2026 18:52:39 GMT");
+        let big = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                    content-length: 0\r\ndate: Thu, 03 Dec 2026 18:52:39 GMT\r\n\r\n";
+        assert_eq!(
+            hyper_error_status(big).map(|(s, _)| s),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+
+    #[test]
+    fn other_heads_are_not_hypers_errors() {
+        for head in [
+            // a relay's 400 with a body, an extra header, a different status, trailing data
+            &b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 2\r\n\
+               date: Thu, 03 Dec 2026 18:52:39 GMT\r\n\r\n{}"[..],
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+              date: Thu, 03 Dec 2026 18:52:39 GMT\r\nserver: relay\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\
+              date: Thu, 03 Dec 2026 18:52:39 GMT\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+              date: Thu, 03 Dec 2026 18:52:39 GMT\r\n\r\nHTTP/1.1",
+            b"{\"jsonrpc\":\"2.0\"}",
+            b"",
+        ] {
+            assert!(
+                hyper_error_status(head).is_none(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn the_replacement_is_a_whole_json_answer() {
+        let raw = raw_json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "malformed",
+            Some(b"Thu, 03 Dec 2026 18:52:39 GMT"),
+        );
+        let text = String::from_utf8(raw).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-type: application/json\r\n"));
+        assert!(head.contains("\r\nconnection: close\r\n"));
+        assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
+        assert!(head.ends_with("date: Thu, 03 Dec 2026 18:52:39 GMT"));
+        let doc: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert_eq!(doc["error"], "bad_request");
+        assert_eq!(doc["detail"], "malformed");
+    }
+}
