@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::latency::Histogram;
 use crate::metrics::{Metrics, ScrapeValues, to_prometheus_text};
+use crate::proxy::client_io;
 use crate::response::{json, json_error, rfc3339};
 use crate::upstream::breaker::BreakerState;
 use crate::upstream::pool::{Pool, SlotSnapshot, SlotState};
@@ -86,13 +87,16 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
+/// How long an admin client may take to send a request head (then 408).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin API until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
     loop {
@@ -108,19 +112,26 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watc
             _ = crate::shutdown::triggered(&mut stop) => break,
         };
         let s = state.clone();
+        // The same socket wrapper as the data listener: hyper's own errors answer JSON.
+        let exchange = Arc::new(client_io::Exchange::default());
+        let seen = exchange.clone();
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            seen.request_started();
             let s = s.clone();
             async move { Ok::<_, Infallible>(route(&s, req.method(), req.uri(), req.headers())) }
         });
+        let io = client_io::ClientIo::new(stream, exchange.clone(), None);
         let conn = graceful.watch(
             builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(io), service)
                 .into_owned(),
         );
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = conn.await;
+            if let Err(e) = &result {
                 debug!(error = %e, "admin connection error");
             }
+            client_io::finish(&result, &exchange, HEADER_READ_TIMEOUT).await;
         });
     }
     drop(listener);

@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-mod client_io;
+pub(crate) mod client_io;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -127,7 +127,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
             let p = p.clone();
             async move { Ok::<_, Infallible>(handle(&p, req).await) }
         });
-        let io = client_io::ClientIo::new(stream, exchange.clone(), cfg.listener.max_header_bytes);
+        let io = client_io::ClientIo::new(
+            stream,
+            exchange.clone(),
+            Some(cfg.listener.max_header_bytes),
+        );
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
@@ -135,18 +139,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let metrics = plane.metrics.clone();
         let header_read_timeout = cfg.listener.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = conn.await;
+            if let Err(e) = &result {
                 debug!(error = %e, "client connection ended with an error");
-                let timed_out = e
-                    .downcast_ref::<hyper::Error>()
-                    .is_some_and(hyper::Error::is_timeout);
-                if let Some(stream) = exchange.take_stalled()
-                    && timed_out
-                {
-                    client_io::answer_header_timeout(stream, header_read_timeout).await;
-                }
             }
-            drop(exchange.take_stalled());
+            client_io::finish(&result, &exchange, header_read_timeout).await;
             metrics.client_connection_closed();
             drop(permit);
         });

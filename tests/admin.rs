@@ -423,6 +423,25 @@ fn assert_connection(what: &str, connection: &Value) {
 // Endpoints, fields, status codes
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_request_hyper_cannot_parse_gets_a_json_400_on_the_admin_port() {
+    let (_relay, sidecar) = start(1, |builder| builder).await;
+    let answer = support::raw_exchange(
+        sidecar.admin_addr(),
+        b"GET /health HTTP/1.1\r\nHo st: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        support::raw_status(&answer),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (error, _) = support::assert_json_error(400, support::raw_body(&answer));
+    assert_eq!(error, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_endpoint_answers_with_its_status_type_and_fields() {
     let (_relay, sidecar) = start(3, |builder| builder).await;
     wait_all_active(&sidecar, 3).await;

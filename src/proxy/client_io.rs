@@ -57,8 +57,8 @@ pub struct ClientIo {
     /// `None` only after `Drop` moved it to [`Exchange::stalled`].
     inner: Option<TcpStream>,
     exchange: std::sync::Arc<Exchange>,
-    /// `listener.max_header_bytes`, named in the 431 answer.
-    max_header_bytes: usize,
+    /// `listener.max_header_bytes`, named in the 431 answer (the data listener's).
+    max_header_bytes: Option<usize>,
     /// Client bytes arrived since the last write.
     read_since_write: bool,
     /// `Exchange::calls` when client bytes last arrived.
@@ -80,7 +80,7 @@ impl ClientIo {
     pub fn new(
         stream: TcpStream,
         exchange: std::sync::Arc<Exchange>,
-        max_header_bytes: usize,
+        max_header_bytes: Option<usize>,
     ) -> Self {
         ClientIo {
             inner: Some(stream),
@@ -125,10 +125,12 @@ impl ClientIo {
         let (error, detail) = match status {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
                 "headers_too_large",
-                format!(
-                    "the request head exceeds listener.max_header_bytes ({} bytes)",
-                    self.max_header_bytes
-                ),
+                match self.max_header_bytes {
+                    Some(limit) => format!(
+                        "the request head exceeds listener.max_header_bytes ({limit} bytes)"
+                    ),
+                    None => "the request head is too large".to_string(),
+                },
             ),
             StatusCode::URI_TOO_LONG => (
                 "uri_too_long",
@@ -268,8 +270,24 @@ impl Drop for ClientIo {
     }
 }
 
+/// Finishes a connection that ended with `result`: when hyper's header timer ended it with
+/// a request head half read, the client gets `408` JSON before the socket closes.
+pub async fn finish(
+    result: &Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    exchange: &Exchange,
+    header_read_timeout: std::time::Duration,
+) {
+    let stalled = exchange.take_stalled();
+    if let (Err(e), Some(stream)) = (result, stalled)
+        && e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+    {
+        answer_header_timeout(stream, header_read_timeout).await;
+    }
+}
+
 /// Answers a client whose request head did not arrive in time: `408` JSON, then close.
-pub async fn answer_header_timeout(mut stream: TcpStream, timeout: std::time::Duration) {
+async fn answer_header_timeout(mut stream: TcpStream, timeout: std::time::Duration) {
     let answer = raw_json_error(
         StatusCode::REQUEST_TIMEOUT,
         "request_timeout",
