@@ -21,6 +21,11 @@ use crate::upstream::breaker::{BreakerState, TripReason};
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 
+/// The `reason` label values of `sprint_sidecar_upstream_retries_total`: the relay refused
+/// the attempt in an orderly way (GOAWAY, REFUSED_STREAM), it provably never got it, or the
+/// request is idempotent.
+pub const RETRY_REASONS: [&str; 3] = ["refused", "never_sent", "idempotent"];
+
 struct Inner {
     service: Registry,
     pool: Registry,
@@ -265,7 +270,7 @@ impl Metrics {
             upstream_latency_p95.clone(),
         );
         // Every known label value starts at zero, so rates have a baseline from the first scrape.
-        for reason in ["never_sent", "idempotent"] {
+        for reason in RETRY_REASONS {
             let _ = retries.get_or_create(&[("reason", reason)]);
         }
         let attempt_success = attempt_duration
@@ -352,7 +357,7 @@ impl Metrics {
     /// (retries, retries refused by the budget) since start.
     pub fn retries_total(&self) -> (u64, u64) {
         let r = &self.inner.retries;
-        let retries = ["never_sent", "idempotent"]
+        let retries = RETRY_REASONS
             .iter()
             .map(|reason| r.get_or_create(&[("reason", reason)]).get())
             .sum();

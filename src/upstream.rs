@@ -49,6 +49,10 @@ pub struct UpstreamError {
     kind: ErrorKind,
     detail: String,
     never_sent: bool,
+    /// The relay declined the request in an orderly way before processing it (a graceful
+    /// GOAWAY above its stream, REFUSED_STREAM, a kept-alive connection it had closed): not
+    /// a sign of sickness, so no breaker failure, and a retry does not use up an attempt.
+    refused: bool,
     retry_after: Option<u64>,
 }
 
@@ -58,6 +62,7 @@ impl UpstreamError {
             kind: ErrorKind::Unavailable,
             detail: detail.into(),
             never_sent: true,
+            refused: false,
             retry_after: Some(retry_after_secs),
         }
     }
@@ -67,6 +72,7 @@ impl UpstreamError {
             kind: ErrorKind::BadGateway,
             detail: detail.into(),
             never_sent: true,
+            refused: false,
             retry_after: None,
         }
     }
@@ -77,6 +83,19 @@ impl UpstreamError {
             kind: ErrorKind::BadGateway,
             detail: detail.into(),
             never_sent,
+            refused: false,
+            retry_after: None,
+        }
+    }
+
+    /// The relay declined the request before processing it, in an orderly way (see
+    /// [`UpstreamError::is_refused`]).
+    pub fn refused(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::BadGateway,
+            detail: detail.into(),
+            never_sent: true,
+            refused: true,
             retry_after: None,
         }
     }
@@ -86,6 +105,7 @@ impl UpstreamError {
             kind: ErrorKind::Timeout,
             detail: detail.into(),
             never_sent: false,
+            refused: false,
             retry_after: None,
         }
     }
@@ -95,6 +115,7 @@ impl UpstreamError {
             kind: ErrorKind::Deadline,
             detail: detail.into(),
             never_sent: false,
+            refused: false,
             retry_after: None,
         }
     }
@@ -114,6 +135,13 @@ impl UpstreamError {
     /// The relay provably never received the request: any method may be retried.
     pub fn is_never_sent(&self) -> bool {
         self.never_sent
+    }
+
+    /// The relay declined the request in an orderly way before processing it (GOAWAY with
+    /// NO_ERROR above its stream id, REFUSED_STREAM, or a connection it had already closed
+    /// or sent GOAWAY on): the connection is going away, the relay is not sick.
+    pub fn is_refused(&self) -> bool {
+        self.refused
     }
 
     /// Seconds for `Retry-After`, for 503 answers.
@@ -227,6 +255,9 @@ impl Upstream {
         };
         let mut exclude = None;
         let mut attempt = 0u32;
+        // Attempts the relay refused in an orderly way; they do not count against
+        // `retry.max_attempts` (up to MAX_REFUSED_RETRIES).
+        let mut refusals = 0u32;
         loop {
             attempt += 1;
             let now = Instant::now();
@@ -249,8 +280,12 @@ impl Upstream {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
+            let refused = err.is_refused() && refusals < retry::MAX_REFUSED_RETRIES;
+            if refused {
+                refusals += 1;
+            }
             let verdict = retry::verdict(
-                attempt,
+                attempt - refusals,
                 max_attempts,
                 err.is_never_sent(),
                 idempotent,
@@ -259,15 +294,20 @@ impl Upstream {
             if verdict != Verdict::Retry || err.is_unavailable() {
                 return Err(err);
             }
-            let granted = self
-                .budget
-                .lock()
-                .is_ok_and(|mut b| b.try_withdraw(Instant::now()));
+            // An orderly refusal is the relay rotating a connection, not a sign of trouble: it
+            // costs no budget (MAX_REFUSED_RETRIES bounds it per request).
+            let granted = refused
+                || self
+                    .budget
+                    .lock()
+                    .is_ok_and(|mut b| b.try_withdraw(Instant::now()));
             if !granted {
                 self.metrics.retry_budget_exhausted();
                 return Err(err);
             }
-            self.metrics.retry(if err.is_never_sent() {
+            self.metrics.retry(if err.is_refused() {
+                "refused"
+            } else if err.is_never_sent() {
                 "never_sent"
             } else {
                 "idempotent"
@@ -325,7 +365,12 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 self.metrics.attempt(false, elapsed);
-                self.pool.finish(checkout, Outcome::Failure, None);
+                let outcome = if e.is_refused() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Failure
+                };
+                self.pool.finish(checkout, outcome, None);
                 Err((e, Some(slot)))
             }
             Err(_) => {

@@ -541,7 +541,7 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
     );
     let reasons = label_values(retries, "sprint_sidecar_upstream_retries_total", "reason");
     assert!(
-        reasons.is_subset(&set(&["never_sent", "idempotent"])),
+        reasons.is_subset(&set(&["refused", "never_sent", "idempotent"])),
         "{reasons:?}"
     );
     let exhausted = family(

@@ -262,8 +262,10 @@ impl Connection {
         guard: InFlight,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         if sender.ready().await.is_err() {
+            // The relay closed the kept-alive connection (nginx does after
+            // `keepalive_requests`) before this request was written.
             self.mark_closed();
-            return Err(UpstreamError::reset("relay closed the connection", true));
+            return Err(UpstreamError::refused("relay closed the connection"));
         }
         match sender.try_send_request(req).await {
             Ok(resp) => {
@@ -276,8 +278,16 @@ impl Connection {
             Err(mut e) => {
                 let never_sent = e.take_message().is_some();
                 let err = e.into_error();
-                if err.is_closed() || err.is_incomplete_message() || err.is_canceled() {
+                let closed = err.is_closed() || err.is_incomplete_message() || err.is_canceled();
+                if closed {
                     self.mark_closed();
+                }
+                if never_sent && closed {
+                    // The relay closed the kept-alive connection as the request was handed
+                    // over, before any of it was written.
+                    return Err(UpstreamError::refused(format!(
+                        "relay closed the connection: {err}"
+                    )));
                 }
                 Err(UpstreamError::reset(
                     format!("relay connection failed: {err}"),
@@ -304,7 +314,12 @@ impl Connection {
         let end = body.is_end_stream();
         let (response, mut stream) = sender
             .send_request(Request::from_parts(parts, ()), end)
-            .map_err(|e| h2_error(&e, true))?;
+            .map_err(|e| {
+                if e.is_go_away() {
+                    self.mark_closed();
+                }
+                h2_error(&e, true)
+            })?;
         if !end {
             match body {
                 // A buffered body (at most 64 KiB) goes in one frame sequence right away: h2
@@ -321,7 +336,13 @@ impl Connection {
                 }
             }
         }
-        let resp = response.await.map_err(|e| h2_error(&e, false))?;
+        let resp = response.await.map_err(|e| {
+            if e.is_go_away() && e.is_remote() {
+                // The relay is closing this connection: no new streams; the pool re-dials.
+                self.mark_closed();
+            }
+            h2_error(&e, false)
+        })?;
         let (parts, recv) = resp.into_parts();
         Ok(Response::from_parts(
             parts,
@@ -338,13 +359,24 @@ impl Connection {
 
 /// Classifies an h2 error; `before_send` when no frame of the request was written.
 fn h2_error(e: &h2::Error, before_send: bool) -> UpstreamError {
-    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    if is_orderly_refusal(e) {
+        return UpstreamError::refused(format!("relay refused the stream: {e}"));
+    }
     // A remote GOAWAY fails only the streams above its last-stream-id: never processed.
     let above_goaway = e.is_go_away() && e.is_remote();
     UpstreamError::reset(
         format!("relay stream failed: {e}"),
-        before_send || refused || above_goaway,
+        before_send || above_goaway,
     )
+}
+
+/// The relay declined a stream without processing it and without blaming anyone: a
+/// GOAWAY with NO_ERROR (connection rotation, e.g. nginx's `keepalive_requests`; it fails
+/// the streams above its last-stream-id and every new one) or REFUSED_STREAM.
+fn is_orderly_refusal(e: &h2::Error) -> bool {
+    let graceful_goaway =
+        e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR);
+    graceful_goaway || (e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// Streams a request body into an h2 stream, respecting flow control.

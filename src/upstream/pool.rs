@@ -152,6 +152,9 @@ impl Drop for Checkout {
 pub enum Outcome {
     Success,
     Failure,
+    /// The relay declined the request in an orderly way (its connection is going away):
+    /// neither a success nor a failure for the breaker.
+    Refused,
 }
 
 /// Why no connection could be had right now.
@@ -286,7 +289,10 @@ impl Pool {
                     continue;
                 }
                 let Some(conn) = slot.usable_connection() else {
-                    if slot.state() == SlotState::Connecting
+                    // Dialing, or its connection just ended and the slot task is about to
+                    // re-dial (the state still says connected): worth waiting for. Only a
+                    // slot in backoff makes the request fail fast.
+                    if slot.state() != SlotState::Backoff
                         && slot.with_breaker(|b| b.would_admit(now))
                     {
                         can_wait = true;
@@ -420,6 +426,10 @@ impl Pool {
             let t = slot.with_breaker(|b| match outcome {
                 Outcome::Success => b.on_success(admission, now),
                 Outcome::Failure => b.on_failure(admission, now),
+                Outcome::Refused => {
+                    b.release(admission);
+                    None
+                }
             });
             if let Some(t) = t {
                 self.on_transition(&slot, t);
@@ -656,8 +666,22 @@ async fn supervise(
                         let Some(p) = pool.upgrade() else { return };
                         p.changed.notify_waiters();
                         if is_proven(&conn) {
-                            info!("relay connection closed; re-dialing");
                             backoff.reset();
+                            // One that served requests and then ended (the relay rotated it
+                            // with GOAWAY, or closed it) is replaced at once, so requests
+                            // wait for the new one instead of failing fast; only failures
+                            // from here on back off. Routine (nginx rotates every
+                            // `keepalive_requests`), so it logs at debug; the reconnect
+                            // counter still counts it. One that served nothing waits the
+                            // first backoff step, so a relay that sends GOAWAY right after
+                            // every handshake is not dialed in a tight loop.
+                            if conn.stats.requests.load(Ordering::Relaxed) > 0 {
+                                debug!("relay connection closed after serving; re-dialing");
+                                None
+                            } else {
+                                info!("relay connection closed; re-dialing");
+                                Some(backoff.next_delay())
+                            }
                         } else {
                             // Closed before it ever served: as good as a failed dial, so the
                             // backoff keeps growing and the breaker counts it.
@@ -674,8 +698,8 @@ async fn supervise(
                                     timeout: false,
                                 });
                             }
+                            Some(backoff.next_delay())
                         }
-                        Some(backoff.next_delay())
                     }
                     _ = tokio::time::sleep(age) => {
                         info!(age_secs = age.as_secs(), "rotating relay connection");

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Attempts per request the relay may refuse in an orderly way (GOAWAY, REFUSED_STREAM)
+/// without using up one of `retry.max_attempts` or the retry budget: a relay that rotates
+/// its connections (nginx sends GOAWAY after `keepalive_requests`) never saw those requests.
+pub const MAX_REFUSED_RETRIES: u32 = 4;
 /// Retries always allowed per window, whatever the request rate.
 pub const MIN_RETRIES_PER_WINDOW: f64 = 3.0;
 /// Length of the budget's sliding window.

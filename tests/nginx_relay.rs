@@ -1,0 +1,299 @@
+//! End to end against a real nginx relay (Debian package `nginx`, started here on loopback
+//! with an rcgen certificate). nginx rotates its client connections: after
+//! `keepalive_requests` requests (1000 by default) it sends HTTP/2 GOAWAY, or closes an
+//! HTTP/1.1 connection with `Connection: close`. The streams the sidecar opened above the
+//! GOAWAY's last-stream-id were never processed. The sidecar must send those again on
+//! another connection, dial a replacement at once, and count none of it as a relay
+//! failure: no client sees an error and no circuit breaker opens.
+//!
+//! nginx is required: a missing binary fails the test with the fix (the checks never skip).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Pki, Sidecar};
+use tokio::task::JoinSet;
+
+const ANSWER: &str = r#"{"jsonrpc":"2.0","id":1,"result":"000000000000000000023ab1"}"#;
+
+/// `nginx` from /usr/sbin or PATH; panics with the fix when missing.
+fn nginx_binary() -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin/nginx");
+    if sbin.is_file() {
+        return sbin;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nginx"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "nginx is not installed: apt-get install nginx (the nginx relay tests never skip)"
+            )
+        })
+}
+
+/// An nginx TLS relay answering every request with [`ANSWER`], stopped on drop.
+struct NginxRelay {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    _pki: std::sync::Arc<Pki>,
+}
+
+impl NginxRelay {
+    /// `http2`: offer h2 (ALPN) or HTTP/1.1 only; `keepalive_requests`: requests per client
+    /// connection before nginx rotates it.
+    fn start(pki: std::sync::Arc<Pki>, http2: bool, keepalive_requests: u32) -> Self {
+        let dir = pki
+            .dir()
+            .join(format!("nginx-{}", if http2 { "h2" } else { "h1" }));
+        std::fs::create_dir_all(&dir).expect("the nginx directory can be made");
+        let cert = dir.join("relay.crt");
+        let key = dir.join("relay.key");
+        let identity = pki.server_identity();
+        std::fs::write(&cert, &identity.cert_pem).expect("the certificate is written");
+        write_private(&key, identity.key_pem.as_bytes());
+        let port = free_port();
+        // /proc/self belongs to the effective user: nginx as root needs `user root;`.
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false);
+        let d = dir.display();
+        let conf = format!(
+            "{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             keepalive_requests {keepalive_requests};\n  server {{\n    \
+             listen 127.0.0.1:{port} ssl{h2};\n    ssl_certificate {cert};\n    \
+             ssl_certificate_key {key};\n    location / {{ default_type application/json; \
+             return 200 '{ANSWER}'; }}\n  }}\n}}\n",
+            user = if root { "user root;\n" } else { "" },
+            h2 = if http2 { " http2" } else { "" },
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("nginx.conf is written");
+        let child = Command::new(nginx_binary())
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nginx starts");
+        let relay = NginxRelay {
+            child,
+            port,
+            dir,
+            _pki: pki,
+        };
+        relay.wait_listening();
+        relay
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn wait_listening(&self) {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < support::EVENTUALLY,
+                "nginx did not listen on {} within {:?}; error.log:\n{}",
+                self.port,
+                support::EVENTUALLY,
+                std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NginxRelay {
+    fn drop(&mut self) {
+        // SIGQUIT would wait for connections; the test is over, so stop at once.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_private(path: &Path, contents: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("the key file can be created");
+    file.write_all(contents).expect("the key is written");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port is free")
+}
+
+/// A sidecar in front of `relay` with the shipped breaker and retry settings.
+async fn sidecar_for(relay: &NginxRelay, pki: &Pki, pool_size: usize) -> Sidecar {
+    let sidecar = Sidecar::builder()
+        .endpoint(&relay.endpoint())
+        .server_name(support::pki::RELAY_SERVER_NAME)
+        .ca_file(pki.ca_file())
+        .pool_size(pool_size)
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    sidecar
+}
+
+/// Sends `total` JSON-RPC POSTs, `concurrency` at a time; returns how many got each status
+/// (0: a transport error) and how many 200s carried exactly nginx's answer.
+async fn load(
+    sidecar: &Sidecar,
+    total: usize,
+    concurrency: usize,
+) -> (BTreeMap<u16, usize>, usize) {
+    let mut statuses = BTreeMap::new();
+    let mut exact = 0;
+    let mut tasks = JoinSet::new();
+    let mut sent = 0;
+    while sent < total || !tasks.is_empty() {
+        while sent < total && tasks.len() < concurrency {
+            let client = sidecar.client().clone();
+            let url = sidecar.data_url("/");
+            tasks.spawn(async move {
+                let response = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(r#"{"jsonrpc":"2.0","id":1,"method":"getbestblockhash","params":[]}"#)
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body = r.text().await.unwrap_or_default();
+                        (status, body)
+                    }
+                    Err(_) => (0, String::new()),
+                }
+            });
+            sent += 1;
+        }
+        if let Some(joined) = tasks.join_next().await {
+            let (status, body) = joined.expect("a request task does not panic");
+            *statuses.entry(status).or_insert(0) += 1;
+            if status == 200 && body == ANSWER {
+                exact += 1;
+            } else if status != 200 {
+                eprintln!("{status}: {body}");
+            }
+        }
+    }
+    (statuses, exact)
+}
+
+/// The value of one sample line of the Prometheus text exposition (0 when absent).
+async fn metric(sidecar: &Sidecar, sample: &str) -> f64 {
+    let text = sidecar
+        .client()
+        .get(sidecar.admin_url("/metrics"))
+        .header("accept", "text/plain")
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics is text");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(sample))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .sum()
+}
+
+async fn breaker_openings(sidecar: &Sidecar) -> f64 {
+    let mut total = 0.0;
+    for reason in [
+        "consecutive_failures",
+        "failure_rate",
+        "probe_failed",
+        "connect_failure",
+    ] {
+        total += metric(
+            sidecar,
+            &format!(
+                "sprint_sidecar_upstream_breaker_transitions_total{{to=\"open\",reason=\"{reason}\"}}"
+            ),
+        )
+        .await;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 50);
+    let sidecar = sidecar_for(&relay, &pki, 2).await;
+    let total = 1500;
+    let (statuses, exact) = load(&sidecar, total, 32).await;
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0),
+        total,
+        "every request through a relay that sends GOAWAY every 50 requests is answered 200: \
+         {statuses:?}\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert_eq!(exact, total, "every answer is nginx's, byte for byte");
+    let reconnects = metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await;
+    assert!(
+        reconnects >= (total / 50 / 2) as f64,
+        "nginx rotated the connections (reconnects {reconnects})"
+    );
+    assert_eq!(
+        breaker_openings(&sidecar).await,
+        0.0,
+        "a GOAWAY is not a relay failure:\n{}",
+        sidecar.logs().join("\n")
+    );
+    let ready = sidecar
+        .client()
+        .get(sidecar.admin_url("/ready"))
+        .send()
+        .await
+        .expect("/ready answers");
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), false, 10);
+    let sidecar = sidecar_for(&relay, &pki, 4).await;
+    let total = 600;
+    let (statuses, exact) = load(&sidecar, total, 16).await;
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0),
+        total,
+        "every request through an HTTP/1.1 relay that closes each connection after 10 \
+         requests is answered 200: {statuses:?}\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert_eq!(exact, total);
+    assert_eq!(breaker_openings(&sidecar).await, 0.0);
+}
