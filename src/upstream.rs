@@ -314,6 +314,11 @@ impl Upstream {
             });
             debug!(attempt, error = %err, "retrying on another connection");
             exclude = slot;
+            if refused {
+                // Nothing is wrong with the relay: go again at once (the pool hands out a
+                // connection that is not going away, or waits for the replacement dial).
+                continue;
+            }
             // Full jitter, small: the next attempt goes to a different connection anyway.
             let pause = Duration::from_millis(20).mul_f64(fastrand::f64());
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
