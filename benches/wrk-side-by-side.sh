@@ -4,13 +4,17 @@
 # the peer proxy (`worker_processes auto` and `1`, `keepalive 64`, proxy_ssl_verify on,
 # proxy_ssl_session_reuse on) and the release sprint-sidecar with its default configuration
 # (runtime.worker_threads 1) and with `worker_threads = 0` (one per core). All of them, wrk and
-# an nginx TLS relay (h2, fixed answer) share the machine's cores as the scheduler places them.
+# an nginx TLS relay (h2, fixed answer, nginx's default rotation of a client connection after
+# 1000 requests) share the machine's cores as the scheduler places them.
 # Prints each window, then per proxy the mean req/s, p99 and CPU seconds per 10 000 requests
-# (utime+stime of the proxy's processes from /proc) over the rounds, and the ratios to nginx.
+# (utime+stime of the proxy's processes from /proc) over the rounds, the relay's CPU per
+# 10 000 requests while it served that proxy (h2 from the sidecar costs nginx more than
+# HTTP/1.1 from nginx; on one machine that CPU is taken from everyone), and the ratios.
 #
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
-# CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000).
+# CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000),
+# RELAY_KEEPALIVE_REQUESTS (1000, nginx's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${SECONDS_PER_WINDOW:-8}
@@ -18,6 +22,9 @@ rounds=${ROUNDS:-4}
 connections=${CONNECTIONS:-64}
 bin=$(realpath "${SIDECAR_BIN:-target/release/sprint-sidecar}")
 base=${PORT_BASE:-18000}
+# Requests per client connection before the relay rotates it (HTTP/2 GOAWAY, HTTP/1.1 close):
+# nginx's default is 1000, and the proxies must cope with that.
+relay_keepalive_requests=${RELAY_KEEPALIVE_REQUESTS:-1000}
 nginx=${NGINX:-/usr/sbin/nginx}
 for tool in "$nginx" wrk openssl python3 "$bin"; do
     command -v "$tool" >/dev/null || { echo "wrk-side-by-side: $tool not found" >&2; exit 2; }
@@ -68,6 +75,7 @@ EOF
 relay_port=$base
 nginx_conf relay 1 "    server {
         listen 127.0.0.1:$relay_port ssl http2;
+        keepalive_requests $relay_keepalive_requests;
         ssl_certificate $dir/relay.pem; ssl_certificate_key $dir/relay.key;
         location / { default_type application/json; return 200 '$answer'; }
     }"
@@ -115,7 +123,7 @@ declare -A port=([nginx-auto]=$((base + 10)) [nginx-1]=$((base + 20)) [sidecar]=
     [sidecar-per-core]=$((base + 40)))
 procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar
     case $1 in
-    nginx*) local master; master=$(cat "$dir/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
+    nginx* | relay) local master; master=$(cat "$dir/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
     *) cat "$dir/$1/pid" ;;
     esac
 }
@@ -139,15 +147,19 @@ results="$dir/results"
 for round in $(seq "$rounds"); do
     for name in "${names[@]}"; do
         p=$(procs "$name")
+        r=$(procs relay)
         before=$(ticks "$p")
+        relay_before=$(ticks "$r")
         out=$(wrk -t2 -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
         after=$(ticks "$p")
+        relay_after=$(ticks "$r")
         requests=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
         rss=$(for q in $p; do awk '/VmHWM/ {print $2}' "/proc/$q/status"; done | awk '{s += $1} END {print s}')
-        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss" | tee -a "$results"
+        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before))" |
+            tee -a "$results"
     done
 done
 python3 - "$results" "$hz" <<'EOF'
@@ -157,15 +169,16 @@ hz = float(sys.argv[2])
 def ms(v):
     return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
 agg = {}
-for _, name, rps, p99, ticks, requests, errors, rss in rows:
-    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "errors": 0, "rss": 0})
+for _, name, rps, p99, ticks, requests, errors, rss, relay_ticks in rows:
+    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "relay": [], "errors": 0, "rss": 0})
     a["rps"].append(float(rps)); a["p99"].append(ms(p99))
     a["cpu"].append(int(ticks) / hz / int(requests) * 10000)
+    a["relay"].append(int(relay_ticks) / hz / int(requests) * 10000)
     a["errors"] += int(errors); a["rss"] = max(a["rss"], int(rss))
-print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors")
-mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu")} for k, v in agg.items()}
+print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors {'relay CPU s/10k':>15}")
+mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay")} for k, v in agg.items()}
 for k, v in agg.items():
-    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']}")
+    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f}")
 print("\nratios (mean over rounds)")
 for s in ("sidecar", "sidecar-per-core"):
     for n in ("nginx-auto", "nginx-1"):
