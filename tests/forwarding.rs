@@ -596,20 +596,18 @@ async fn slow_client_headers_are_cut_off() {
     assert_eq!(relay.count_path("/slow"), 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
+/// Opens a connection to `addr`, sends `request` and reads the first answer (one read, for
+/// answers that fit in it); returns the still open connection and the answer's status.
+async fn first_exchange(
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> (tokio::net::TcpStream, Option<u16>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Between requests nothing is half read: when the header timer closes a kept-alive
-    // connection that waits for its next request, no 408 (or other stray bytes) is written.
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("listener", "header_read_timeout", "300ms")
-    })
-    .await;
-    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("the data listener accepts connections");
     stream
-        .write_all(b"GET /idle HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .write_all(request)
         .await
         .expect("the request is sent");
     let mut answer = vec![0u8; 64 * 1024];
@@ -617,7 +615,24 @@ async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
         .await
         .expect("answered within 5 s")
         .expect("the answer is read");
-    assert_eq!(support::raw_status(&answer[..n]), Some(200));
+    (stream, support::raw_status(&answer[..n]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
+    use tokio::io::AsyncReadExt;
+    // Between requests nothing is half read: when the header timer closes a kept-alive
+    // connection that waits for its next request, no 408 (or other stray bytes) is written.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "header_read_timeout", "300ms")
+    })
+    .await;
+    let (mut stream, status) = first_exchange(
+        sidecar.data_addr(),
+        b"GET /idle HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(200));
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
         .await
@@ -689,19 +704,12 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
     );
 
     // On a kept-alive connection: a good request, its answer, then a malformed one.
-    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
-        .await
-        .expect("the data listener accepts connections");
-    stream
-        .write_all(b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}")
-        .await
-        .expect("sent");
-    let mut first = vec![0u8; 64 * 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first))
-        .await
-        .expect("answered within 5 s")
-        .expect("read");
-    assert_eq!(support::raw_status(&first[..n]), Some(200));
+    let (mut stream, status) = first_exchange(
+        sidecar.data_addr(),
+        b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(status, Some(200));
     stream
         .write_all(b"GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n")
         .await

@@ -184,9 +184,14 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let polled = this.stream()?.poll_read(cx, buf);
         match &polled {
-            Poll::Ready(Ok(())) => this.note_read(&buf.filled()[before..]),
+            // Nothing read into a buffer with room: the client closed its side.
+            Poll::Ready(Ok(())) if room || buf.filled().len() > before => {
+                this.note_read(&buf.filled()[before..]);
+            }
+            Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(_)) => this.ended = true,
             Poll::Pending => {}
         }
