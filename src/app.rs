@@ -82,6 +82,65 @@ pub fn harden(cfg: &Config) -> Result<HardeningState, AppError> {
     .map_err(|e| AppError::config(e.to_string()))
 }
 
+/// File descriptors the sidecar needs besides its client connections: the pool (a rotating
+/// connection overlaps its replacement), the listeners, admin clients, files and the runtime.
+const SPARE_FILES: u64 = 256;
+
+/// The `RLIMIT_NOFILE` soft limit to raise to, if any: as high as the hard limit allows
+/// (capped at the kernel's usual `nr_open`), when the current one cannot hold
+/// `listener.max_connections` clients plus the pool and [`SPARE_FILES`].
+pub fn open_files_target(
+    limit: crate::secret::sys::ResourceLimit,
+    max_connections: usize,
+    pool_size: usize,
+) -> Option<u64> {
+    const NR_OPEN: u64 = 1 << 20;
+    let needed = max_connections as u64 + 2 * pool_size as u64 + SPARE_FILES;
+    let soft = limit.soft?;
+    let target = limit.hard.unwrap_or(NR_OPEN).min(NR_OPEN);
+    (soft < needed && target > soft).then_some(target)
+}
+
+/// Raises the open-files soft limit when `listener.max_connections` would not fit (a shell's
+/// default is often 1024), and says so when even the hard limit is too low.
+pub fn raise_open_files_limit(cfg: &Config) {
+    use crate::secret::sys;
+    let Ok(limit) = sys::open_files_limit() else {
+        return;
+    };
+    let max_connections = cfg.listener.max_connections.get();
+    let pool_size = cfg.pool.size.get();
+    let needed = max_connections as u64 + 2 * pool_size as u64 + SPARE_FILES;
+    let mut soft = limit.soft;
+    if let Some(target) = open_files_target(limit, max_connections, pool_size) {
+        let raised = sys::ResourceLimit {
+            soft: Some(target),
+            hard: limit.hard,
+        };
+        match sys::set_open_files_limit(raised) {
+            Ok(()) => {
+                info!(
+                    from = limit.soft,
+                    to = target,
+                    "raised the open-files limit"
+                );
+                soft = Some(target);
+            }
+            Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
+        }
+    }
+    if let Some(soft) = soft
+        && soft < needed
+    {
+        warn!(
+            open_files_limit = soft,
+            max_connections,
+            "the open-files limit is below listener.max_connections plus the pool: clients \
+             beyond it wait in the backlog (raise `ulimit -n` or lower listener.max_connections)"
+        );
+    }
+}
+
 /// Loads the secrets the configuration names, in locked memory.
 ///
 /// # Errors
@@ -150,6 +209,7 @@ pub async fn run(
     announce: impl FnOnce(Bound),
 ) -> Result<(), AppError> {
     tls::install_default_provider();
+    raise_open_files_limit(&cfg);
     let cfg = Arc::new(cfg);
     let tls = tls::setup(&cfg.upstream, cfg.pool.size.get())
         .map_err(|e| AppError::config(e.to_string()))?;
@@ -247,4 +307,45 @@ pub async fn run(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), admin_task).await;
     info!("sprint-sidecar stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::sys::ResourceLimit;
+
+    fn limit(soft: Option<u64>, hard: Option<u64>) -> ResourceLimit {
+        ResourceLimit { soft, hard }
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_only_when_the_clients_would_not_fit() {
+        // A shell's 1024 against the default 4096 clients: up to the hard limit.
+        assert_eq!(
+            open_files_target(limit(Some(1024), Some(524_288)), 4096, 4),
+            Some(524_288)
+        );
+        // Enough already: left alone.
+        assert_eq!(
+            open_files_target(limit(Some(20_000), Some(20_000)), 4096, 4),
+            None
+        );
+        // Unlimited soft limit: nothing to raise.
+        assert_eq!(open_files_target(limit(None, None), 4096, 4), None);
+        // An unlimited hard limit: up to the kernel's usual nr_open.
+        assert_eq!(
+            open_files_target(limit(Some(1024), None), 4096, 4),
+            Some(1 << 20)
+        );
+        // The hard limit is the soft one: no higher to go (run() warns instead).
+        assert_eq!(
+            open_files_target(limit(Some(1024), Some(1024)), 4096, 4),
+            None
+        );
+        // A small max_connections fits in 1024.
+        assert_eq!(
+            open_files_target(limit(Some(1024), Some(4096)), 100, 4),
+            None
+        );
+    }
 }

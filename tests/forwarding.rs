@@ -165,6 +165,55 @@ async fn threads_after_a_request(
 }
 
 /// By default the whole process is one thread: the event loop runs on the main thread.
+/// The `Max open files` soft and hard limits of a process, from `/proc/PID/limits`.
+fn open_files_limits(pid: &str) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// Started with a soft open-files limit of 64 (a shell's `ulimit -n` is often 1024), the
+/// sidecar raises it to the hard limit so `listener.max_connections` clients fit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_open_files_limit_is_raised_for_max_connections() {
+    let (_, hard) = open_files_limits("self");
+    let nofile = format!("--nofile=64:{hard}");
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .set("listener", "max_connections", "1000")
+            .wrapper(&["prlimit", nofile.as_str()])
+    })
+    .await;
+    let pid = sidecar.pid().expect("the sidecar runs").to_string();
+    let (soft, _) = open_files_limits(&pid);
+    if hard >= 1000 + 2 * 4 + 256 {
+        assert_eq!(
+            soft,
+            hard.min(1 << 20),
+            "raised to the hard limit:\n{}",
+            sidecar.logs().join("\n")
+        );
+        assert!(sidecar.logs_contain("raised the open-files limit"));
+    } else {
+        assert!(sidecar.logs_contain("open-files limit is below listener.max_connections"));
+    }
+    let status = sidecar
+        .client()
+        .get(sidecar.data_url("/after-raise"))
+        .send()
+        .await
+        .expect("answered")
+        .status();
+    assert_eq!(status, 200);
+}
+
 /// `runtime.worker_threads = N` starts N worker threads next to it.
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_worker_threads_decides_the_threads_of_the_process() {

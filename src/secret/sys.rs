@@ -1,5 +1,5 @@
 //! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
-//! limits (core size, locked memory), `mlockall` and the page size. `hardening` calls these;
+//! limits (core size, locked memory, open files), `mlockall` and the page size. `hardening` calls these;
 //! nothing else in the crate touches libc for them.
 
 use std::io;
@@ -31,6 +31,7 @@ impl ResourceLimit {
 enum Resource {
     Core,
     Memlock,
+    OpenFiles,
 }
 
 /// `PR_GET_DUMPABLE`: whether the kernel would write a core dump of this process and lets
@@ -78,6 +79,16 @@ pub fn set_memlock_limit(limit: ResourceLimit) -> io::Result<()> {
     set_limit(Resource::Memlock, limit)
 }
 
+/// `RLIMIT_NOFILE`: how many file descriptors (client and relay sockets) the process may hold.
+pub fn open_files_limit() -> io::Result<ResourceLimit> {
+    limit(Resource::OpenFiles)
+}
+
+/// Sets `RLIMIT_NOFILE`.
+pub fn set_open_files_limit(limit: ResourceLimit) -> io::Result<()> {
+    set_limit(Resource::OpenFiles, limit)
+}
+
 /// `mlockall(MCL_CURRENT | MCL_FUTURE)`: lock every present and future mapping of the process.
 pub fn lock_all_memory() -> io::Result<()> {
     // SAFETY: mlockall takes only flags; it changes page residency, never memory contents.
@@ -111,6 +122,7 @@ fn limit(resource: Resource) -> io::Result<ResourceLimit> {
         match resource {
             Resource::Core => libc::getrlimit(libc::RLIMIT_CORE, &mut raw),
             Resource::Memlock => libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut raw),
+            Resource::OpenFiles => libc::getrlimit(libc::RLIMIT_NOFILE, &mut raw),
         }
     };
     if result != 0 {
@@ -132,6 +144,7 @@ fn set_limit(resource: Resource, limit: ResourceLimit) -> io::Result<()> {
         match resource {
             Resource::Core => libc::setrlimit(libc::RLIMIT_CORE, &raw),
             Resource::Memlock => libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw),
+            Resource::OpenFiles => libc::setrlimit(libc::RLIMIT_NOFILE, &raw),
         }
     };
     if result != 0 {
