@@ -87,16 +87,17 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// How long an admin client may take to send a request head (then 408).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin client may take to send a request head (then 408), and how long a
+/// kept-alive admin connection may wait for its next request.
+const ADMIN_TIMEOUTS: client_io::Timeouts = client_io::Timeouts {
+    header: Duration::from_secs(10),
+    idle: Duration::from_secs(75),
+};
 
 /// Serves the admin API until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http1().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
     loop {
@@ -120,18 +121,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watc
             let s = s.clone();
             async move { Ok::<_, Infallible>(route(&s, req.method(), req.uri(), req.headers())) }
         });
-        let io = client_io::ClientIo::new(stream, exchange.clone(), None);
+        let io = client_io::ClientIo::new(stream, exchange.clone(), None, ADMIN_TIMEOUTS);
         let conn = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(io), service)
                 .into_owned(),
         );
         tokio::spawn(async move {
-            let result = conn.await;
-            if let Err(e) = &result {
+            if let Err(e) = conn.await {
                 debug!(error = %e, "admin connection error");
             }
-            client_io::finish(&result, &exchange, HEADER_READ_TIMEOUT).await;
+            client_io::finish(&exchange, ADMIN_TIMEOUTS.header).await;
         });
     }
     drop(listener);

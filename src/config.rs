@@ -35,6 +35,9 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     pub max_connections: NonZeroUsize,
     pub header_read_timeout: Duration,
+    /// How long a kept-alive client connection may wait, with no request in progress, for
+    /// its next request.
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
     /// Overall deadline of one client request until response headers, over all attempts.
@@ -215,6 +218,7 @@ struct RawListener {
     address: String,
     max_connections: i64,
     header_read_timeout: String,
+    idle_timeout: String,
     max_header_bytes: i64,
     max_body_bytes: i64,
     request_deadline: String,
@@ -227,6 +231,7 @@ impl Default for RawListener {
             address: "127.0.0.1:9090".into(),
             max_connections: 4096,
             header_read_timeout: "10s".into(),
+            idle_timeout: "75s".into(),
             max_header_bytes: 65536,
             max_body_bytes: 16 * 1024 * 1024,
             request_deadline: "30s".into(),
@@ -820,6 +825,7 @@ impl RawConfig {
                 &l.header_read_timeout,
                 false,
             ),
+            idle_timeout: c.duration("listener.idle_timeout", &l.idle_timeout, false),
             max_header_bytes: c.positive("listener.max_header_bytes", l.max_header_bytes, 16 << 20),
             max_body_bytes: c.positive("listener.max_body_bytes", l.max_body_bytes, i64::MAX)
                 as u64,

@@ -74,8 +74,9 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // No hyper header timer: the client socket wrapper keeps the header and idle clocks
+        // (hyper's also ran between requests, closing kept-alive connections early).
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.listener.header_read_timeout)
         // Room above the limit so the handler, not hyper, sees most oversized heads and can
         // answer 431 with a JSON body; heads beyond even this get hyper's bare 431.
         .max_buf_size(
@@ -131,6 +132,10 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
             stream,
             exchange.clone(),
             Some(cfg.listener.max_header_bytes),
+            client_io::Timeouts {
+                header: cfg.listener.header_read_timeout,
+                idle: cfg.listener.idle_timeout,
+            },
         );
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
@@ -139,11 +144,10 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let metrics = plane.metrics.clone();
         let header_read_timeout = cfg.listener.header_read_timeout;
         tokio::spawn(async move {
-            let result = conn.await;
-            if let Err(e) = &result {
+            if let Err(e) = conn.await {
                 debug!(error = %e, "client connection ended with an error");
             }
-            client_io::finish(&result, &exchange, header_read_timeout).await;
+            client_io::finish(&exchange, header_read_timeout).await;
             metrics.client_connection_closed();
             drop(permit);
         });

@@ -668,12 +668,12 @@ async fn first_exchange(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
+async fn an_idle_keep_alive_connection_is_closed_silently_after_idle_timeout() {
     use tokio::io::AsyncReadExt;
-    // Between requests nothing is half read: when the header timer closes a kept-alive
+    // Between requests nothing is half read: when listener.idle_timeout closes a kept-alive
     // connection that waits for its next request, no 408 (or other stray bytes) is written.
     let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("listener", "header_read_timeout", "300ms")
+        sidecar.set_str("listener", "idle_timeout", "300ms")
     })
     .await;
     let (mut stream, status) = first_exchange(
@@ -691,6 +691,36 @@ async fn an_idle_keep_alive_connection_is_closed_without_an_answer() {
         rest.is_empty(),
         "an idle connection is closed silently, got {}",
         String::from_utf8_lossy(&rest)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The header clock runs from a head's first byte, not while the connection waits for
+    // its next request (that is listener.idle_timeout, 75 s by default).
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "header_read_timeout", "300ms")
+    })
+    .await;
+    let request = b"GET /again HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    let (mut stream, status) = first_exchange(sidecar.data_addr(), request).await;
+    assert_eq!(status, Some(200));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    stream
+        .write_all(request)
+        .await
+        .expect("the second request is sent");
+    let mut answer = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .expect("the answer is read");
+    assert_eq!(
+        support::raw_status(&answer[..n]),
+        Some(200),
+        "the same connection serves the second request: {}",
+        String::from_utf8_lossy(&answer[..n])
     );
 }
 

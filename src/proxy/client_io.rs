@@ -6,9 +6,13 @@
 //!
 //! * recognises hyper's own error head in the write stream and writes a JSON answer with the
 //!   same status in its place ([`hyper_error_status`]), and
-//! * keeps the socket when the connection ends with half a request head read, so that the
-//!   accept loop can answer `408` once hyper reports the header timeout
-//!   ([`Exchange::take_stalled`]).
+//! * keeps the connection's two clocks itself, instead of hyper's header timer (which also
+//!   ran while a kept-alive connection waited for its next request, so idle connections
+//!   were closed after `header_read_timeout`): a request head must arrive whole within
+//!   `listener.header_read_timeout` of its first byte (and a new connection's first byte
+//!   within that time of the accept), else the client gets `408` JSON
+//!   ([`Exchange::take_stalled`], [`finish`]); a kept-alive connection with no request in
+//!   progress is closed silently after `listener.idle_timeout`.
 //!
 //! How a write is told apart from the handler's answers: hyper writes its own error head
 //! only right after reading bytes that did not make a request. So a write is a candidate
@@ -27,8 +31,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::StatusCode;
+use std::future::Future;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// What the connection's handler and its socket wrapper share.
 #[derive(Debug, Default)]
@@ -37,6 +45,8 @@ pub struct Exchange {
     calls: AtomicU64,
     /// The socket, kept when the connection ended with a request head half read.
     stalled: Mutex<Option<TcpStream>>,
+    /// The connection ended because a request head missed `header_read_timeout`.
+    head_timed_out: std::sync::atomic::AtomicBool,
 }
 
 impl Exchange {
@@ -49,6 +59,24 @@ impl Exchange {
     pub fn take_stalled(&self) -> Option<TcpStream> {
         self.stalled.lock().ok().and_then(|mut slot| slot.take())
     }
+}
+
+/// The connection's clocks: `listener.header_read_timeout` and `listener.idle_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub idle: Duration,
+}
+
+/// Where the connection stands, for its clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request in progress: waiting for the first byte of the next one.
+    Idle,
+    /// Bytes of a request head arrived, the head is not complete yet.
+    Head,
+    /// A request is with the handler, its answer not started: the handler's deadlines rule.
+    Busy,
 }
 
 /// The accepted client socket, wrapped (see the module documentation).
@@ -74,6 +102,14 @@ pub struct ClientIo {
     /// A JSON answer still to write in place of hyper's own error head.
     replacement: Vec<u8>,
     replaced: usize,
+    timeouts: Timeouts,
+    /// When the current head must be complete.
+    head_deadline: Instant,
+    /// When the current idle wait ends; `None` until the wait begins.
+    idle_deadline: Option<Instant>,
+    /// The timer, made on first use and reset for each deadline.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: Option<Instant>,
 }
 
 impl ClientIo {
@@ -81,8 +117,16 @@ impl ClientIo {
         stream: TcpStream,
         exchange: std::sync::Arc<Exchange>,
         max_header_bytes: Option<usize>,
+        timeouts: Timeouts,
     ) -> Self {
+        let now = Instant::now();
         ClientIo {
+            timeouts,
+            head_deadline: now + timeouts.header,
+            // A new connection's first request must begin within the header timeout.
+            idle_deadline: Some(now + timeouts.header),
+            timer: None,
+            armed: None,
             inner: Some(stream),
             exchange,
             max_header_bytes,
@@ -115,6 +159,43 @@ impl ClientIo {
     fn wrote(&mut self) {
         self.answered = self.exchange.calls.load(Ordering::Relaxed);
         self.read_since_write = false;
+        self.idle_deadline = None;
+    }
+
+    fn phase(&self) -> Phase {
+        let calls = self.exchange.calls.load(Ordering::Relaxed);
+        if calls != self.answered {
+            Phase::Busy
+        } else if self.read_since_write && calls == self.calls_at_read {
+            Phase::Head
+        } else {
+            Phase::Idle
+        }
+    }
+
+    /// With the socket not readable: whether the clock of the current phase ran out.
+    fn poll_clock(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let phase = self.phase();
+        let deadline = match phase {
+            _ if self.h2 => return Poll::Pending,
+            Phase::Busy => return Poll::Pending,
+            Phase::Head => self.head_deadline,
+            Phase::Idle => *self
+                .idle_deadline
+                .get_or_insert_with(|| Instant::now() + self.timeouts.idle),
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if self.armed != Some(deadline) {
+            timer.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        if phase == Phase::Head {
+            self.exchange.head_timed_out.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(io::ErrorKind::TimedOut.into())
     }
 
     /// Replaces hyper's error head `head` with a JSON answer when it is one.
@@ -171,6 +252,10 @@ impl ClientIo {
             self.first_read = false;
             self.h2 = bytes.starts_with(b"PRI * HTTP/2");
         }
+        if self.phase() == Phase::Idle {
+            // The first bytes of a new request head: its clock starts.
+            self.head_deadline = Instant::now() + self.timeouts.header;
+        }
         self.read_since_write = true;
         self.calls_at_read = self.exchange.calls.load(Ordering::Relaxed);
     }
@@ -193,7 +278,11 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(_)) => this.ended = true,
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Poll::Ready(timed_out) = this.poll_clock(cx) {
+                    return Poll::Ready(Err(timed_out));
+                }
+            }
         }
         polled
     }
@@ -275,24 +364,19 @@ impl Drop for ClientIo {
     }
 }
 
-/// Finishes a connection that ended with `result`: when hyper's header timer ended it with
-/// a request head half read, the client gets `408` JSON before the socket closes.
-pub async fn finish(
-    result: &Result<(), Box<dyn std::error::Error + Send + Sync>>,
-    exchange: &Exchange,
-    header_read_timeout: std::time::Duration,
-) {
+/// Finishes a connection: when it ended because a request head missed the header clock,
+/// the client gets `408` JSON before the socket closes.
+pub async fn finish(exchange: &Exchange, header_read_timeout: Duration) {
     let stalled = exchange.take_stalled();
-    if let (Err(e), Some(stream)) = (result, stalled)
-        && e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout)
+    if let Some(stream) = stalled
+        && exchange.head_timed_out.load(Ordering::Relaxed)
     {
         answer_header_timeout(stream, header_read_timeout).await;
     }
 }
 
 /// Answers a client whose request head did not arrive in time: `408` JSON, then close.
-async fn answer_header_timeout(mut stream: TcpStream, timeout: std::time::Duration) {
+async fn answer_header_timeout(mut stream: TcpStream, timeout: Duration) {
     let answer = raw_json_error(
         StatusCode::REQUEST_TIMEOUT,
         "request_timeout",
@@ -306,7 +390,7 @@ async fn answer_header_timeout(mut stream: TcpStream, timeout: std::time::Durati
         stream.write_all(&answer).await?;
         stream.shutdown().await
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
 /// The status and date of hyper's own error head: exactly `HTTP/1.1 <400|414|431> <reason>`,
