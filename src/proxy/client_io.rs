@@ -228,6 +228,20 @@ impl ClientIo {
         true
     }
 
+    /// When `head` is hyper's own error head, written where hyper writes one: puts the JSON
+    /// answer in its place and starts writing it (the rest goes on the flush that follows).
+    /// hyper then counts `head` as written.
+    fn take_over(&mut self, cx: &mut Context<'_>, head: &[u8]) -> io::Result<bool> {
+        if !(self.bytes_without_request() && self.replace(head)) {
+            return Ok(false);
+        }
+        self.wrote();
+        if let Poll::Ready(Err(e)) = self.poll_replacement(cx) {
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     /// Writes what is left of a replacement answer.
     fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.replaced < self.replacement.len() {
@@ -296,11 +310,7 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_replacement(cx))?;
-        if this.bytes_without_request() && this.replace(buf) {
-            // hyper counts its head as written; our answer goes out in its place (the rest
-            // of it on the flush that follows).
-            this.wrote();
-            let _ = this.poll_replacement(cx)?;
+        if this.take_over(cx, buf)? {
             return Poll::Ready(Ok(buf.len()));
         }
         let polled = this.stream()?.poll_write(cx, buf);
@@ -317,13 +327,12 @@ impl AsyncWrite for ClientIo {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_replacement(cx))?;
+        // hyper's error head comes as one buffer (looked for only where one can come).
         if this.bytes_without_request() {
             let mut filled = bufs.iter().filter(|b| !b.is_empty());
             if let (Some(only), None) = (filled.next(), filled.next())
-                && this.replace(only)
+                && this.take_over(cx, only)?
             {
-                this.wrote();
-                let _ = this.poll_replacement(cx)?;
                 return Poll::Ready(Ok(only.len()));
             }
         }
