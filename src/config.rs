@@ -113,6 +113,8 @@ pub struct PoolConfig {
     pub max_streams_per_connection: NonZeroUsize,
     pub connect_timeout: Duration,
     pub tls_handshake_timeout: Duration,
+    /// Per attempt, until response headers; then also the longest pause between two pieces
+    /// of a response body.
     pub request_timeout: Duration,
     pub max_connection_age: Duration,
     pub reconnect_backoff_initial: Duration,

@@ -357,7 +357,9 @@ impl Upstream {
         };
         let elapsed = started.elapsed();
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
+                resp.body_mut()
+                    .count_failures_in(checkout.slot.error_counter());
                 let failed = matches!(resp.status().as_u16(), 502..=504);
                 let outcome = if failed {
                     Outcome::Failure

@@ -970,3 +970,91 @@ async fn relay_down_gets_a_json_error() {
     );
     assert_json_error(status, &body);
 }
+
+// ---- a relay that fails in the middle of a body ----
+
+/// The relay answers 200 with `Content-Length: 1000`, sends a few bytes, then `fault` (a
+/// stall or a failed body). The client must see a failed body, never a complete-looking
+/// short one, within `pool.request_timeout` for a stall; the failure is counted on the
+/// connection, and the next request is served normally.
+async fn body_failure_is_not_a_short_answer(protocol: Proto, fault: support::Fault) {
+    let idle = Duration::from_millis(800);
+    let (relay, sidecar) = start(protocol, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set_str("pool", "request_timeout", "800ms")
+    })
+    .await;
+    relay.set_fault(fault.clone());
+    let started = Instant::now();
+    let response = sidecar
+        .client()
+        .get(sidecar.data_url("/blocks/latest"))
+        .send()
+        .await
+        .expect("the relay's head reaches the client");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some("1000")
+    );
+    let body = response.bytes().await;
+    let waited = started.elapsed();
+    assert!(
+        body.is_err(),
+        "{fault:?} over {}: the client got a body that looks complete: {body:?}",
+        protocol.name()
+    );
+    if fault == support::Fault::StallBody {
+        assert!(
+            waited >= idle && waited < support::EVENTUALLY,
+            "a stalled body is cut after pool.request_timeout ({idle:?}), took {waited:?}"
+        );
+    }
+    relay.heal();
+    support::eventually(
+        support::EVENTUALLY,
+        "the failed body counted on the connection",
+        || async {
+            let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+            let errors = status["connections"][0]["errors"].as_u64()?;
+            (errors >= 1).then_some(())
+        },
+    )
+    .await;
+    let after = sidecar
+        .client()
+        .get(sidecar.data_url("/blocks/latest"))
+        .send()
+        .await
+        .expect("answered after the failure");
+    assert_eq!(
+        after.status(),
+        200,
+        "the pool serves again after a failed body"
+    );
+    assert!(after.bytes().await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_stalling_mid_body_over_h2_is_cut_after_request_timeout() {
+    body_failure_is_not_a_short_answer(Proto::H2, support::Fault::StallBody).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_stalling_mid_body_over_http1_is_cut_after_request_timeout() {
+    body_failure_is_not_a_short_answer(Proto::Http1, support::Fault::StallBody).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_cutting_a_body_short_over_h2_fails_the_client_body() {
+    body_failure_is_not_a_short_answer(Proto::H2, support::Fault::TruncateBody).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_cutting_a_body_short_over_http1_fails_the_client_body() {
+    body_failure_is_not_a_short_answer(Proto::Http1, support::Fault::TruncateBody).await;
+}

@@ -121,6 +121,8 @@ pub struct Connection {
     closed_notify: Notify,
     /// The pool's "something changed" signal: a freed request slot wakes waiting requests.
     freed: Arc<Notify>,
+    /// Longest pause of a response body between two pieces (`pool.request_timeout`).
+    body_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connection {
@@ -464,16 +466,48 @@ enum Inner {
 
 /// The relay's response body, streamed to the client. Releases the connection's request
 /// slot as soon as it ends (or is dropped).
+///
+/// A relay that stops sending in the middle of a body (no piece for the connection's
+/// `body_idle_timeout`, i.e. `pool.request_timeout`) fails the body, like a relay that resets
+/// or truncates it: the client's connection is then cut (hyper cannot announce an error
+/// after the head), the stream is reset (h2) or the connection dropped (HTTP/1.1), and the
+/// failure is counted on the pool slot.
 pub struct ResponseBody {
     inner: Inner,
     guard: Option<InFlight>,
+    /// The stall clock: made at the first wait (a body that is always ready never makes
+    /// one), pushed back only after progress, so a fast stream costs no timer work per piece.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A piece arrived since the stall clock was last set.
+    progressed: bool,
+    /// Where failures of this body are counted (the pool slot's error counter).
+    failures: Option<Arc<AtomicU64>>,
 }
+
+/// A relay that went quiet in the middle of a response body.
+#[derive(Debug)]
+pub struct BodyStalled(Duration);
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the relay sent no more of the response body for {:?} (pool.request_timeout)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BodyStalled {}
 
 impl ResponseBody {
     fn new(inner: Inner, guard: InFlight) -> Self {
         ResponseBody {
             inner,
             guard: Some(guard),
+            idle: None,
+            progressed: false,
+            failures: None,
         }
     }
 
@@ -482,7 +516,15 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Done,
             guard: None,
+            idle: None,
+            progressed: false,
+            failures: None,
         }
+    }
+
+    /// Counts a failure of this body (reset, truncated, stalled) in `counter`.
+    pub fn count_failures_in(&mut self, counter: Arc<AtomicU64>) {
+        self.failures = Some(counter);
     }
 
     fn count(&self, n: usize) {
@@ -497,6 +539,60 @@ impl ResponseBody {
     fn finish(&mut self) {
         self.inner = Inner::Done;
         self.guard = None;
+        self.idle = None;
+    }
+
+    fn fail(&mut self) {
+        if let Some(counter) = self.failures.take() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Inner::Http1(_), Some(g)) = (&self.inner, &self.guard) {
+            // hyper drops an HTTP/1.1 connection whose response was not read to the end.
+            g.conn.mark_closed();
+        }
+        self.finish();
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(match &mut self.inner {
+            Inner::Done => None,
+            Inner::Http1(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
+            }
+            Inner::H2 { recv, data_done } => {
+                if !*data_done {
+                    match ready!(recv.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Some(Err(e)) => return Poll::Ready(Some(Err(BoxError::from(e)))),
+                        None => *data_done = true,
+                    }
+                }
+                match ready!(recv.poll_trailers(cx)) {
+                    Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(BoxError::from(e))),
+                }
+            }
+        })
+    }
+
+    /// Whether the stall clock has run out; sets or pushes it back first.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let limit = self.guard.as_ref()?.conn.body_idle_timeout;
+        let progressed = std::mem::take(&mut self.progressed);
+        let sleep = match &mut self.idle {
+            Some(sleep) => {
+                if progressed {
+                    sleep.as_mut().reset(Instant::now() + limit);
+                }
+                sleep
+            }
+            None => self.idle.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        sleep.as_mut().poll(cx).is_ready().then_some(limit)
     }
 }
 
@@ -509,44 +605,22 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.inner {
-            Inner::Done => None,
-            Inner::Http1(body) => {
-                ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
-            }
-            Inner::H2 { recv, data_done } => {
-                if !*data_done {
-                    match ready!(recv.poll_data(cx)) {
-                        Some(Ok(data)) => {
-                            let _ = recv.flow_control().release_capacity(data.len());
-                            Some(Ok(Frame::data(data)))
-                        }
-                        Some(Err(e)) => Some(Err(BoxError::from(e))),
-                        None => {
-                            *data_done = true;
-                            match ready!(recv.poll_trailers(cx)) {
-                                Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
-                                Ok(None) => None,
-                                Err(e) => Some(Err(BoxError::from(e))),
-                            }
-                        }
-                    }
-                } else {
-                    match ready!(recv.poll_trailers(cx)) {
-                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
-                        Ok(None) => None,
-                        Err(e) => Some(Err(BoxError::from(e))),
-                    }
-                }
-            }
+        let polled = match this.poll_inner(cx) {
+            Poll::Ready(polled) => polled,
+            Poll::Pending => match this.stalled(cx) {
+                None => return Poll::Pending,
+                Some(limit) => Some(Err(BoxError::from(BodyStalled(limit)))),
+            },
         };
         match &polled {
             Some(Ok(frame)) => {
+                this.progressed = true;
                 if let Some(d) = frame.data_ref() {
                     this.count(d.len());
                 }
             }
-            Some(Err(_)) | None => this.finish(),
+            Some(Err(_)) => this.fail(),
+            None => this.finish(),
         }
         Poll::Ready(polled)
     }
@@ -636,6 +710,7 @@ pub async fn dial(
                 Sender::H2(sender),
                 max_streams,
                 freed,
+                pool.request_timeout,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -694,6 +769,7 @@ pub async fn dial(
                 Sender::Http1(std::sync::Mutex::new(Some(sender))),
                 1,
                 freed,
+                pool.request_timeout,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -714,6 +790,7 @@ impl Connection {
         sender: Sender,
         permits: usize,
         freed: Arc<Notify>,
+        body_idle_timeout: Duration,
     ) -> Self {
         let stats = ConnectionStats::default();
         stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
@@ -730,6 +807,7 @@ impl Connection {
             draining: AtomicBool::new(false),
             closed_notify: Notify::new(),
             freed,
+            body_idle_timeout,
         }
     }
 }

@@ -65,7 +65,8 @@ pub struct Slot {
     state: AtomicU8,
     breaker: Mutex<Breaker>,
     requests: AtomicU64,
-    errors: AtomicU64,
+    /// Failed requests: failed attempts, and response bodies that failed after their head.
+    errors: Arc<AtomicU64>,
     reconnects: AtomicU64,
     /// Unix time in ms of the last request start or end; 0 = never.
     last_activity_ms: AtomicU64,
@@ -82,13 +83,19 @@ impl Slot {
             state: AtomicU8::new(SlotState::Connecting as u8),
             breaker: Mutex::new(breaker),
             requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            errors: Arc::new(AtomicU64::new(0)),
             reconnects: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
             next_dial: Mutex::new(None),
             last_error: Mutex::new(None),
             eject: Notify::new(),
         }
+    }
+
+    /// The slot's error counter, for failures noticed after the request left the pool (a
+    /// response body that fails).
+    pub fn error_counter(&self) -> Arc<AtomicU64> {
+        self.errors.clone()
     }
 
     /// The slot's 1-based, stable connection id.

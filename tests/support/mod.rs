@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 pub use pki::{Identity, Pki};
-pub use relay::{Fault, Proto, Recorded, Relay};
+pub use relay::{Fault, PARTIAL_BODY, Proto, Recorded, Relay};
 pub use sidecar::{CommandOutput, Sidecar, SidecarBuilder};
 
 /// How long a polled condition may take before the test fails. Generous: CI machines are slow,

@@ -90,7 +90,16 @@ pub enum Fault {
     Delay(Duration),
     /// Answer every request with this status and a JSON body (e.g. a 503 storm).
     Status(u16),
+    /// Answer 200 with `Content-Length: 1000`, send the first [`PARTIAL_BODY`] bytes of the
+    /// body, then send nothing more (the connection stays open).
+    StallBody,
+    /// Answer 200 with `Content-Length: 1000`, send the first [`PARTIAL_BODY`] bytes, then
+    /// fail the body: hyper closes an HTTP/1.1 connection and resets an h2 stream.
+    TruncateBody,
 }
+
+/// The bytes a [`Fault::StallBody`] or [`Fault::TruncateBody`] answer sends of its 1000.
+pub const PARTIAL_BODY: &[u8] = b"{\"partial\":";
 
 /// One request as it reached the relay.
 #[derive(Clone, Debug)]
@@ -742,7 +751,8 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Response<RelayBody> {
     let index = inner.record(connection_id, &request);
-    let mut response = match inner.fault_for(connection_id) {
+    let fault_now = inner.fault_for(connection_id);
+    let mut response = match fault_now.clone() {
         Fault::Stall => {
             let _ = read_body(&inner, index, request.into_body()).await;
             std::future::pending::<()>().await;
@@ -770,6 +780,22 @@ async fn handle(
                     .headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            response
+        }
+        Fault::StallBody | Fault::TruncateBody => {
+            let _ = read_body(&inner, index, request.into_body()).await;
+            let mut response = Response::new(
+                PartialBody {
+                    sent: false,
+                    fail: fault_now == Fault::TruncateBody,
+                    cut: None,
+                }
+                .boxed(),
+            );
+            response.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from_static("1000"),
+            );
             response
         }
         Fault::Delay(delay) => {
@@ -922,6 +948,40 @@ fn describe(
         "headers": headers,
         "connection_id": connection_id,
     })
+}
+
+/// The body of [`Fault::StallBody`] and [`Fault::TruncateBody`]: [`PARTIAL_BODY`], then
+/// nothing (pending for ever, never woken) or, 100 ms later (so that the head and the first
+/// bytes are on the wire first), an error.
+struct PartialBody {
+    sent: bool,
+    fail: bool,
+    cut: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for PartialBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.sent {
+            self.sent = true;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(PARTIAL_BODY)))));
+        }
+        if !self.fail {
+            return Poll::Pending;
+        }
+        let cut = self
+            .cut
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+        match cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err("injected: body cut short".into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 fn json_response(status: StatusCode, document: &serde_json::Value) -> Response<RelayBody> {
