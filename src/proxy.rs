@@ -333,14 +333,16 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     } else {
         let flag = Arc::new(AtomicBool::new(false));
         exceeded = Some(flag.clone());
+        let waiting = Arc::new(AtomicBool::new(false));
         let limited = LimitedBody {
             inner: incoming,
             seen: 0,
             limit,
             exceeded: flag,
+            waiting: waiting.clone(),
             metrics: plane.metrics.clone(),
         };
-        OutgoingBody::Streaming(limited.boxed_unsync())
+        OutgoingBody::Streaming(limited.boxed_unsync(), waiting)
     };
     match plane.upstream.send(head, body, deadline).await {
         Ok(resp) => {
@@ -366,6 +368,11 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
 /// The JSON answer of an upstream failure, with `Retry-After` on 503.
 pub fn error_response(e: &UpstreamError) -> Response<ProxyBody> {
     let mut resp = json_error(e.status(), e.code(), e.detail());
+    if e.kind() == crate::upstream::ErrorKind::ClientStalled {
+        // The rest of the body may still come: the connection cannot carry another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(secs) = e.retry_after() {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -463,6 +470,8 @@ struct LimitedBody {
     seen: u64,
     limit: u64,
     exceeded: Arc<AtomicBool>,
+    /// True while the last poll found nothing from the client (see `OutgoingBody`).
+    waiting: Arc<AtomicBool>,
     metrics: Metrics,
 }
 
@@ -486,7 +495,9 @@ impl Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.waiting.store(polled.is_pending(), Ordering::Release);
+        match std::task::ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;

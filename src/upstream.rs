@@ -9,6 +9,7 @@ pub mod pool;
 pub mod retry;
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub enum ErrorKind {
     Timeout,
     /// The client's overall deadline (`listener.request_deadline`) passed: 504.
     Deadline,
+    /// The attempt ran out of time while the request body waited for the client, not for
+    /// the relay: the client's fault, 408.
+    ClientStalled,
 }
 
 /// A failed forward, classified for the breaker, retries, metrics and the JSON answer.
@@ -110,6 +114,18 @@ impl UpstreamError {
         }
     }
 
+    /// A streamed request body stopped arriving from the client (see
+    /// [`ErrorKind::ClientStalled`]).
+    pub fn client_stalled(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::ClientStalled,
+            detail: detail.into(),
+            never_sent: false,
+            refused: false,
+            retry_after: None,
+        }
+    }
+
     pub fn deadline(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::Deadline,
@@ -158,6 +174,7 @@ impl UpstreamError {
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout | ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::ClientStalled => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -168,6 +185,7 @@ impl UpstreamError {
             ErrorKind::BadGateway => "upstream_failed",
             ErrorKind::Timeout => "upstream_timeout",
             ErrorKind::Deadline => "request_deadline_exceeded",
+            ErrorKind::ClientStalled => "request_timeout",
         }
     }
 }
@@ -184,8 +202,10 @@ impl std::error::Error for UpstreamError {}
 pub enum OutgoingBody {
     /// Small, fully read: can be sent again on retry.
     Replayable(Bytes),
-    /// Streamed from the client: sent once.
-    Streaming(UnsyncBoxBody<Bytes, BoxError>),
+    /// Streamed from the client: sent once. The flag is true while the body waits for the
+    /// client (its last poll found nothing to read), so that a stalled client is not taken
+    /// for a stalled relay.
+    Streaming(UnsyncBoxBody<Bytes, BoxError>, Arc<AtomicBool>),
 }
 
 /// The request head to forward, already rewritten by the data plane.
@@ -249,9 +269,9 @@ impl Upstream {
         if let Ok(mut b) = self.budget.lock() {
             b.record_request(Instant::now());
         }
-        let (replayable, mut stream) = match body {
-            OutgoingBody::Replayable(b) => (Some(b), None),
-            OutgoingBody::Streaming(s) => (None, Some(s)),
+        let (replayable, mut stream, waiting_on_client) = match body {
+            OutgoingBody::Replayable(b) => (Some(b), None, None),
+            OutgoingBody::Streaming(s, waiting) => (None, Some(s), Some(waiting)),
         };
         let mut exclude = None;
         let mut attempt = 0u32;
@@ -274,7 +294,13 @@ impl Upstream {
                 (None, None) => AttemptBody::empty(),
             };
             let result = self
-                .attempt(&head, body, exclude, attempt_deadline, deadline)
+                .attempt(
+                    &head,
+                    body,
+                    exclude,
+                    (attempt_deadline, deadline),
+                    waiting_on_client.as_deref(),
+                )
                 .await;
             let (err, slot) = match result {
                 Ok(resp) => return Ok(resp),
@@ -325,14 +351,15 @@ impl Upstream {
         }
     }
 
-    /// One attempt on one connection; on failure also says which slot it used.
+    /// One attempt on one connection, by `(attempt deadline, request deadline)`; on failure
+    /// also says which slot it used. `waiting_on_client`: see [`OutgoingBody::Streaming`].
     async fn attempt(
         &self,
         head: &OutgoingHead,
         body: AttemptBody,
         exclude: Option<usize>,
-        attempt_deadline: Instant,
-        deadline: Instant,
+        (attempt_deadline, deadline): (Instant, Instant),
+        waiting_on_client: Option<&AtomicBool>,
     ) -> Result<Response<ResponseBody>, (UpstreamError, Option<usize>)> {
         let mut checkout = self
             .pool
@@ -379,6 +406,20 @@ impl Upstream {
                 };
                 self.pool.finish(checkout, outcome, None);
                 Err((e, Some(slot)))
+            }
+            Err(_) if waiting_on_client.is_some_and(|w| w.load(Ordering::Acquire)) => {
+                // The relay was waiting for the rest of the body too: nothing to hold
+                // against the connection.
+                checkout.conn.abandon_request();
+                self.pool.finish(checkout, Outcome::NotJudged, None);
+                Err((
+                    UpstreamError::client_stalled(format!(
+                        "the request body stopped arriving from the client, and the relay \
+                         cannot answer without it (waited {:?}, pool.request_timeout)",
+                        attempt_deadline.saturating_duration_since(started)
+                    )),
+                    Some(slot),
+                ))
             }
             Err(_) => {
                 self.metrics.attempt(false, elapsed);

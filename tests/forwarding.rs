@@ -1058,3 +1058,68 @@ async fn relay_cutting_a_body_short_over_h2_fails_the_client_body() {
 async fn relay_cutting_a_body_short_over_http1_fails_the_client_body() {
     body_failure_is_not_a_short_answer(Proto::Http1, support::Fault::TruncateBody).await;
 }
+
+// ---- a client that stops sending its body ----
+
+/// A client streams part of a large upload (more than the 64 KiB the sidecar buffers), then
+/// sends nothing more. The relay waits for the rest, so no answer can come: after
+/// `pool.request_timeout` the client gets 408 `request_timeout`, not a 504 blaming the relay,
+/// and the connection is not judged (with `consecutive_failures = 1` one failure would open
+/// its breaker).
+async fn stalled_upload_is_the_clients_fault(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set_str("pool", "request_timeout", "800ms")
+            .set("breaker", "consecutive_failures", "1")
+    })
+    .await;
+    let mut head = b"POST /upload HTTP/1.1\r\nHost: app.example\r\nContent-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n".to_vec();
+    head.extend_from_slice(&[b'x'; 70_000]);
+    let started = Instant::now();
+    let (mut connection, status) = first_exchange(sidecar.data_addr(), &head).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        status,
+        Some(408),
+        "over {}: a stalled upload is the client's fault",
+        protocol.name()
+    );
+    assert!(
+        waited >= Duration::from_millis(800),
+        "answered before pool.request_timeout: {waited:?}"
+    );
+    // The rest of the body could still come, so the connection carries nothing more.
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut connection, &mut rest),
+    )
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the client connection is closed after the 408: {closed:?}"
+    );
+    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+    let connection = &status["connections"][0];
+    assert_eq!(connection["errors"], 0, "{connection}");
+    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
+    let after = sidecar
+        .client()
+        .get(sidecar.data_url("/after"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(after.status(), 200, "the pool still serves");
+    assert_eq!(relay.count_path("/after"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_upload_over_h2_gets_408_and_no_breaker_failure() {
+    stalled_upload_is_the_clients_fault(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_upload_over_http1_gets_408_and_no_breaker_failure() {
+    stalled_upload_is_the_clients_fault(Proto::Http1).await;
+}

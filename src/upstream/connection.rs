@@ -118,6 +118,8 @@ pub struct Connection {
     permits: Arc<Semaphore>,
     closed: AtomicBool,
     draining: AtomicBool,
+    /// The sidecar gave up on a request half sent (see [`Connection::abandon_request`]).
+    abandoned: AtomicBool,
     closed_notify: Notify,
     /// The pool's "something changed" signal: a freed request slot wakes waiting requests.
     freed: Arc<Notify>,
@@ -163,6 +165,22 @@ impl Connection {
     /// Stops new requests; in-flight ones finish, then the connection closes.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// The sidecar gave up on a request it had started to send (its client stopped sending
+    /// the body). An HTTP/1.1 connection in the middle of a request body can serve nothing
+    /// else, so it closes; its end is the sidecar's doing, not a sign that the relay is sick.
+    /// On h2 only that stream is affected, and the connection goes on.
+    pub fn abandon_request(&self) {
+        if self.protocol == Protocol::Http1 {
+            self.abandoned.store(true, Ordering::Release);
+            self.mark_closed();
+        }
+    }
+
+    /// Whether [`Connection::abandon_request`] closed this connection.
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     fn mark_closed(&self) {
@@ -322,6 +340,7 @@ impl Connection {
                 }
                 h2_error(&e, true)
             })?;
+        let mut pump = None;
         if !end {
             match body {
                 // A buffered body (at most 64 KiB) goes in one frame sequence right away: h2
@@ -334,7 +353,7 @@ impl Connection {
                 }
                 streamed => {
                     let counter = guard.conn.clone();
-                    tokio::spawn(pump_body(streamed, stream, counter));
+                    pump = Some(Pump(tokio::spawn(pump_body(streamed, stream, counter))));
                 }
             }
         }
@@ -346,16 +365,26 @@ impl Connection {
             h2_error(&e, false)
         })?;
         let (parts, recv) = resp.into_parts();
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody::new(
-                Inner::H2 {
-                    recv,
-                    data_done: false,
-                },
-                guard,
-            ),
-        ))
+        let mut body = ResponseBody::new(
+            Inner::H2 {
+                recv,
+                data_done: false,
+            },
+            guard,
+        );
+        body.pump = pump;
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// The task streaming a request body into an h2 stream, stopped when dropped: when the
+/// attempt is given up (its client stopped sending, or no answer came in time) or the
+/// answer's body is gone, so a stalled client cannot hold a relay stream open.
+struct Pump(tokio::task::JoinHandle<()>);
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -482,6 +511,8 @@ pub struct ResponseBody {
     progressed: bool,
     /// Where failures of this body are counted (the pool slot's error counter).
     failures: Option<Arc<AtomicU64>>,
+    /// The request body's pump (h2, streamed request bodies), stopped with this body.
+    pump: Option<Pump>,
 }
 
 /// A relay that went quiet in the middle of a response body.
@@ -508,6 +539,7 @@ impl ResponseBody {
             idle: None,
             progressed: false,
             failures: None,
+            pump: None,
         }
     }
 
@@ -519,6 +551,7 @@ impl ResponseBody {
             idle: None,
             progressed: false,
             failures: None,
+            pump: None,
         }
     }
 
@@ -805,6 +838,7 @@ impl Connection {
             permits: Arc::new(Semaphore::new(permits)),
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             closed_notify: Notify::new(),
             freed,
             body_idle_timeout,

@@ -162,6 +162,9 @@ pub enum Outcome {
     /// The relay declined the request in an orderly way (its connection is going away):
     /// neither a success nor a failure for the breaker.
     Refused,
+    /// The attempt says nothing about the connection (the client stopped sending its body):
+    /// neither a success nor a failure for the breaker.
+    NotJudged,
 }
 
 /// Why no connection could be had right now.
@@ -433,7 +436,7 @@ impl Pool {
             let t = slot.with_breaker(|b| match outcome {
                 Outcome::Success => b.on_success(admission, now),
                 Outcome::Failure => b.on_failure(admission, now),
-                Outcome::Refused => {
+                Outcome::Refused | Outcome::NotJudged => {
                     b.release(admission);
                     None
                 }
@@ -776,6 +779,7 @@ pub const PROVING_PERIOD: Duration = Duration::from_secs(2);
 fn is_proven(conn: &Connection) -> bool {
     // HTTP/2 connections are only installed after the relay answered a first PING.
     conn.protocol == super::connection::Protocol::H2
+        || conn.is_abandoned()
         || conn.latency.samples() > 0
         || conn.connected_instant.elapsed() >= PROVING_PERIOD
 }
