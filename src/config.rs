@@ -36,7 +36,8 @@ pub struct ListenerConfig {
     pub max_connections: NonZeroUsize,
     pub header_read_timeout: Duration,
     /// How long a kept-alive client connection may wait, with no request in progress, for
-    /// its next request.
+    /// its next request; also how long a client may take no byte of its answer before it
+    /// is cut off.
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,

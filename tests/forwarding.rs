@@ -1123,3 +1123,48 @@ async fn stalled_upload_over_h2_gets_408_and_no_breaker_failure() {
 async fn stalled_upload_over_http1_gets_408_and_no_breaker_failure() {
     stalled_upload_is_the_clients_fault(Proto::Http1).await;
 }
+
+// ---- a client that stops reading its answer ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_off_after_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // 64 MiB cannot fit in the loopback socket buffers: the sidecar's writes block once the
+    // client stops reading. After listener.idle_timeout with no progress the client is cut
+    // off and the relay stream is released (in_flight back to 0), instead of being held for
+    // as long as the client keeps its connection open.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set_str("listener", "idle_timeout", "500ms")
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .expect("the request is sent");
+    let in_flight = || async {
+        let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+        status["connections"][0]["in_flight"].as_u64()
+    };
+    support::eventually(support::EVENTUALLY, "the download in flight", || async {
+        (in_flight().await? == 1).then_some(())
+    })
+    .await;
+    let stuck = Instant::now();
+    support::eventually(
+        support::EVENTUALLY,
+        "the relay stream released after the client stopped reading",
+        || async { (in_flight().await? == 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        stuck.elapsed() >= Duration::from_millis(300),
+        "released before the write clock could run out: {:?}",
+        stuck.elapsed()
+    );
+    drop(stream);
+}

@@ -12,7 +12,9 @@
 //!   `listener.header_read_timeout` of its first byte (and a new connection's first byte
 //!   within that time of the accept), else the client gets `408` JSON
 //!   ([`Exchange::take_stalled`], [`finish`]); a kept-alive connection with no request in
-//!   progress is closed silently after `listener.idle_timeout`.
+//!   progress is closed silently after `listener.idle_timeout`, and
+//! * cuts off a client that takes no byte of its answer for `listener.idle_timeout` (a
+//!   socket that stays full), so a client that stops reading cannot hold a relay stream.
 //!
 //! How a write is told apart from the handler's answers: hyper writes its own error head
 //! only right after reading bytes that did not make a request. So a write is a candidate
@@ -110,6 +112,11 @@ pub struct ClientIo {
     /// The timer, made on first use and reset for each deadline.
     timer: Option<Pin<Box<Sleep>>>,
     armed: Option<Instant>,
+    /// The write clock: set when a write finds the socket full, cleared by any progress. A
+    /// client that takes no byte of its answer for `idle_timeout` is cut off, so it cannot
+    /// hold a relay stream for ever.
+    write_timer: Option<Pin<Box<Sleep>>>,
+    write_stuck: bool,
 }
 
 impl ClientIo {
@@ -138,6 +145,8 @@ impl ClientIo {
             ended: false,
             replacement: Vec::new(),
             replaced: 0,
+            write_timer: None,
+            write_stuck: false,
         }
     }
 
@@ -196,6 +205,27 @@ impl ClientIo {
             self.exchange.head_timed_out.store(true, Ordering::Relaxed);
         }
         Poll::Ready(io::ErrorKind::TimedOut.into())
+    }
+
+    /// After a write that made progress (`Ready`) or none (`Pending`): whether the client
+    /// has taken nothing for `idle_timeout`.
+    fn poll_write_clock<T>(&mut self, cx: &mut Context<'_>, polled: &Poll<T>) -> Option<io::Error> {
+        if polled.is_ready() {
+            self.write_stuck = false;
+            return None;
+        }
+        let deadline = Instant::now() + self.timeouts.idle;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !std::mem::replace(&mut self.write_stuck, true) {
+            timer.as_mut().reset(deadline);
+        }
+        timer
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then(|| io::ErrorKind::TimedOut.into())
     }
 
     /// Replaces hyper's error head `head` with a JSON answer when it is one.
@@ -317,6 +347,9 @@ impl AsyncWrite for ClientIo {
         if polled.is_ready() {
             this.wrote();
         }
+        if let Some(stuck) = this.poll_write_clock(cx, &polled) {
+            return Poll::Ready(Err(stuck));
+        }
         polled
     }
 
@@ -339,6 +372,9 @@ impl AsyncWrite for ClientIo {
         let polled = this.stream()?.poll_write_vectored(cx, bufs);
         if polled.is_ready() {
             this.wrote();
+        }
+        if let Some(stuck) = this.poll_write_clock(cx, &polled) {
+            return Poll::Ready(Err(stuck));
         }
         polled
     }
