@@ -15,7 +15,9 @@
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
 # CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000),
-# RELAY_KEEPALIVE_REQUESTS (1000, nginx's default).
+# RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
+# proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
+# itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${SECONDS_PER_WINDOW:-8}
@@ -147,7 +149,18 @@ for name in "${names[@]}"; do # every proxy answers before the windows start
     [ "$code" = 200 ] || { echo "wrk-side-by-side: $name does not answer 200 (got $code)" >&2; exit 1; }
 done
 hz=$(getconf CLK_TCK)
-echo "wrk -t2 -c$connections, $rounds rounds of ${window} s per proxy, interleaved; $(nproc) cores, no pinning"
+wrk_threads=2
+wrk_cmd=(wrk)
+pinning="no pinning"
+if [ "${PIN:-0}" = 1 ]; then
+    command -v taskset >/dev/null || { echo "wrk-side-by-side: PIN=1 needs taskset" >&2; exit 2; }
+    for name in "${names[@]}"; do for p in $(procs "$name"); do taskset -apc 0 "$p" >/dev/null; done; done
+    for p in $(procs relay); do taskset -apc 1 "$p" >/dev/null; done
+    wrk_threads=1
+    wrk_cmd=(taskset -c 1 wrk)
+    pinning="proxies pinned to core 0, relay and wrk to core 1"
+fi
+echo "wrk -t$wrk_threads -c$connections, $rounds rounds of ${window} s per proxy, interleaved; $(nproc) cores, $pinning"
 results="$dir/results"
 for round in $(seq "$rounds"); do
     for name in "${names[@]}"; do
@@ -156,7 +169,7 @@ for round in $(seq "$rounds"); do
         before=$(ticks "$p")
         relay_before=$(ticks "$r")
         read -r relay_r0 relay_w0 <<<"$(syscalls "$r")"
-        out=$(wrk -t2 -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
+        out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
         after=$(ticks "$p")
         relay_after=$(ticks "$r")
         read -r relay_r1 relay_w1 <<<"$(syscalls "$r")"
