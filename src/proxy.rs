@@ -126,7 +126,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let service = service_fn(move |req| {
             seen.request_started();
             let p = p.clone();
-            async move { Ok::<_, Infallible>(handle(&p, req).await) }
+            let seen = seen.clone();
+            async move {
+                let resp = handle(&p, req).await;
+                Ok::<_, Infallible>(resp.map(|body| client_io::Answered::new(body, seen)))
+            }
         });
         let io = client_io::ClientIo::new(
             stream,

@@ -808,6 +808,99 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_request_pipelined_behind_a_good_one_gets_json_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    // Both in one write, so hyper reads them together: the good one is answered first, then
+    // hyper finds the second one malformed.
+    stream
+        .write_all(
+            b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}\
+              GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n",
+        )
+        .await
+        .expect("sent");
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
+        .await
+        .expect("answered and closed within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answers).into_owned();
+    assert_eq!(support::raw_status(&answers), Some(200), "{text}");
+    let second = text
+        .match_indices("HTTP/1.1 ")
+        .nth(1)
+        .map(|(at, _)| &answers[at..])
+        .unwrap_or_else(|| panic!("two answers: {text}"));
+    assert_eq!(support::raw_status(second), Some(400), "{text}");
+    let (error, _) = assert_json_error(400, support::raw_body(second));
+    assert_eq!(error, "bad_request");
+    assert!(
+        String::from_utf8_lossy(second)
+            .to_ascii_lowercase()
+            .contains("content-type: application/json\r\n"),
+        "{text}"
+    );
+    assert_eq!(relay.count_path("/good"), 1);
+    assert_eq!(
+        relay.count_path("/bad"),
+        0,
+        "nothing malformed reaches the relay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_body_that_looks_like_hypers_error_head_is_passed_through_unchanged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The socket wrapper replaces hyper's bare error head with JSON; an answer body with the
+    // very same bytes, pipelined or not, must reach the client as the relay sent it.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let lookalike: &[u8] =
+        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+                             date: Fri, 04 Dec 2026 21:05:47 GMT\r\n\r\n";
+    let request = |last: bool| {
+        [
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n{}\r\n",
+                lookalike.len(),
+                if last { "Connection: close\r\n" } else { "" }
+            )
+            .into_bytes(),
+            lookalike.to_vec(),
+        ]
+        .concat()
+    };
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(&[request(false), request(true)].concat())
+        .await
+        .expect("sent");
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
+        .await
+        .expect("answered and closed within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answers).into_owned();
+    assert_eq!(
+        text.matches("HTTP/1.1 200 OK").count(),
+        2,
+        "both echoes answered: {text}"
+    );
+    assert_eq!(
+        text.matches(std::str::from_utf8(lookalike).expect("ascii"))
+            .count(),
+        2,
+        "both bodies intact: {text}"
+    );
+    assert!(!text.contains("bad_request"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `printf 'POST ...' | nc -N`: the request, then the client's write side is shut while

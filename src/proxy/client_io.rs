@@ -17,12 +17,18 @@
 //!   socket that stays full), so a client that stops reading cannot hold a relay stream.
 //!
 //! How a write is told apart from the handler's answers: hyper writes its own error head
-//! only right after reading bytes that did not make a request. So a write is a candidate
-//! only when client bytes arrived since the last write, no request reached the handler
-//! since those bytes ([`Exchange::request_started`] counts them), and every request the
-//! handler took already has its answer started. A candidate must then match hyper's exact
-//! error head (`connection: close`, `content-length: 0`, `date`, nothing else). On an h2c
-//! connection the wrapper steps aside.
+//! only after reading bytes that did not make a request. So a write is a candidate only
+//!
+//! * when client bytes arrived since the last write, no request reached the handler since
+//!   those bytes ([`Exchange::request_started`] counts them), and every request the handler
+//!   took already has its answer started; or
+//! * when every answer's body was done with ([`Answered`] counts the drops) before the last
+//!   write began, and that write took all it was offered: then no answer byte is left to
+//!   write, and the write can only be the error head for a bad request pipelined behind the
+//!   answered ones (read in the same read).
+//!
+//! A candidate must then match hyper's exact error head (`connection: close`,
+//! `content-length: 0`, `date`, nothing else). On an h2c connection the wrapper steps aside.
 //!
 //! Cost on the hot path: one relaxed atomic load and a few flag updates per read and write.
 
@@ -45,6 +51,8 @@ use tokio::time::{Instant, Sleep};
 pub struct Exchange {
     /// Requests handed to the handler so far.
     calls: AtomicU64,
+    /// Answers whose body hyper is done with (dropped): written whole, or given up.
+    done: AtomicU64,
     /// The socket, kept when the connection ended with a request head half read.
     stalled: Mutex<Option<TcpStream>>,
     /// The connection ended because a request head missed `header_read_timeout`.
@@ -55,6 +63,11 @@ impl Exchange {
     /// Called by the handler for every request hyper hands it.
     pub fn request_started(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Called when hyper drops an answer's body ([`Answered`]).
+    fn answer_done(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The socket of a connection that ended while a request head was half read.
@@ -95,6 +108,10 @@ pub struct ClientIo {
     calls_at_read: u64,
     /// `Exchange::calls` when a write last happened: requests whose answer has started.
     answered: u64,
+    /// `Exchange::done` when a write last began: answers that were whole before it.
+    done_at_write: u64,
+    /// The last write took only part of what it was offered: hyper is mid-buffer.
+    partial_write: bool,
     /// The client speaks h2 (prior knowledge): hyper's HTTP/1.1 error heads cannot occur.
     h2: bool,
     /// Nothing read yet (the h2 preface check looks at the first bytes).
@@ -140,6 +157,8 @@ impl ClientIo {
             read_since_write: false,
             calls_at_read: 0,
             answered: 0,
+            done_at_write: 0,
+            partial_write: false,
             h2: false,
             first_read: true,
             ended: false,
@@ -157,18 +176,43 @@ impl ClientIo {
         }
     }
 
+    /// Whether the next write may be hyper's own error head:
+    ///
+    /// * client bytes that made no request arrived since the last write, with every
+    ///   request's answer started (a bad request on a new or idle connection), or
+    /// * every request's answer was already whole before the last write began, and that
+    ///   write took all it was offered: the bytes of a bad request pipelined behind good
+    ///   ones, already read together with them. No answer can be in the write stream then
+    ///   (a new answer needs a new request).
+    fn error_head_possible(&self) -> bool {
+        let calls = self.exchange.calls.load(Ordering::Relaxed);
+        let pipelined = !self.h2
+            && calls > 0
+            && calls == self.answered
+            && calls == self.done_at_write
+            && !self.partial_write;
+        pipelined || self.bytes_without_request()
+    }
+
     /// Whether client bytes that made no request arrived since the last write, with every
-    /// request's answer started: the state in which hyper writes its own error head.
+    /// request's answer started.
     fn bytes_without_request(&self) -> bool {
         let calls = self.exchange.calls.load(Ordering::Relaxed);
         !self.h2 && self.read_since_write && calls == self.calls_at_read && calls == self.answered
     }
 
-    /// Records a write: the answers of all requests so far have started.
-    fn wrote(&mut self) {
+    /// Records a write that took `written` of `offered` bytes: the answers of all requests so
+    /// far have started.
+    fn wrote(&mut self, done_before: u64, written: usize, offered: usize) {
         self.answered = self.exchange.calls.load(Ordering::Relaxed);
+        self.done_at_write = done_before;
+        self.partial_write = written < offered;
         self.read_since_write = false;
         self.idle_deadline = None;
+    }
+
+    fn done(&self) -> u64 {
+        self.exchange.done.load(Ordering::Relaxed)
     }
 
     fn phase(&self) -> Phase {
@@ -262,10 +306,10 @@ impl ClientIo {
     /// answer in its place and starts writing it (the rest goes on the flush that follows).
     /// hyper then counts `head` as written.
     fn take_over(&mut self, cx: &mut Context<'_>, head: &[u8]) -> io::Result<bool> {
-        if !(self.bytes_without_request() && self.replace(head)) {
+        if !(self.error_head_possible() && self.replace(head)) {
             return Ok(false);
         }
-        self.wrote();
+        self.wrote(self.done(), head.len(), head.len());
         if let Poll::Ready(Err(e)) = self.poll_replacement(cx) {
             return Err(e);
         }
@@ -343,9 +387,10 @@ impl AsyncWrite for ClientIo {
         if this.take_over(cx, buf)? {
             return Poll::Ready(Ok(buf.len()));
         }
+        let done = this.done();
         let polled = this.stream()?.poll_write(cx, buf);
-        if polled.is_ready() {
-            this.wrote();
+        if let Poll::Ready(result) = &polled {
+            this.wrote(done, *result.as_ref().unwrap_or(&0), buf.len());
         }
         if let Some(stuck) = this.poll_write_clock(cx, &polled) {
             return Poll::Ready(Err(stuck));
@@ -361,7 +406,7 @@ impl AsyncWrite for ClientIo {
         let this = self.get_mut();
         ready!(this.poll_replacement(cx))?;
         // hyper's error head comes as one buffer (looked for only where one can come).
-        if this.bytes_without_request() {
+        if this.error_head_possible() {
             let mut filled = bufs.iter().filter(|b| !b.is_empty());
             if let (Some(only), None) = (filled.next(), filled.next())
                 && this.take_over(cx, only)?
@@ -369,9 +414,11 @@ impl AsyncWrite for ClientIo {
                 return Poll::Ready(Ok(only.len()));
             }
         }
+        let done = this.done();
         let polled = this.stream()?.poll_write_vectored(cx, bufs);
-        if polled.is_ready() {
-            this.wrote();
+        if let Poll::Ready(result) = &polled {
+            let offered = bufs.iter().map(|b| b.len()).sum();
+            this.wrote(done, *result.as_ref().unwrap_or(&0), offered);
         }
         if let Some(stuck) = this.poll_write_clock(cx, &polled) {
             return Poll::Ready(Err(stuck));
@@ -455,6 +502,46 @@ pub fn hyper_error_status(head: &[u8]) -> Option<(StatusCode, &[u8])> {
     // An IMF-fixdate is 29 visible characters.
     (date.len() == 29 && date.iter().all(|b| b.is_ascii_graphic() || *b == b' '))
         .then_some((status, date))
+}
+
+/// An answer's body that tells the connection's [`Exchange`] when hyper is done with it
+/// (drops it), so the socket wrapper knows when no answer can be in the write stream.
+#[derive(Debug)]
+pub struct Answered<B> {
+    body: B,
+    exchange: std::sync::Arc<Exchange>,
+}
+
+impl<B> Answered<B> {
+    pub fn new(body: B, exchange: std::sync::Arc<Exchange>) -> Self {
+        Answered { body, exchange }
+    }
+}
+
+impl<B> Drop for Answered<B> {
+    fn drop(&mut self) {
+        self.exchange.answer_done();
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Answered<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A whole HTTP/1.1 JSON error answer that closes the connection.
