@@ -123,7 +123,19 @@ impl NginxRelay {
 
 impl Drop for NginxRelay {
     fn drop(&mut self) {
-        // SIGQUIT would wait for connections; the test is over, so stop at once.
+        // SIGTERM: nginx's fast shutdown, which also stops its worker (SIGQUIT would wait for
+        // connections; SIGKILL to the master alone would leave the worker running).
+        // (Through the `kill` command: the tests hold no `unsafe`.)
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
