@@ -268,6 +268,7 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         ));
     }
     let (parts, incoming) = req.into_parts();
+    let client_version = parts.version;
     let Some(authority) = plane.authority.clone() else {
         return local(json_error(
             StatusCode::BAD_GATEWAY,
@@ -352,6 +353,13 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            if client_version != http::Version::HTTP_2 {
+                // The answer goes out in the client's protocol, not the relay's (an h2 relay's
+                // answer says HTTP/2). As HTTP/1.1, hyper announces `Connection: keep-alive`
+                // to an HTTP/1.0 client that asked to keep the connection, and writes the
+                // status line in the client's version.
+                parts.version = http::Version::HTTP_11;
+            }
             Response::from_parts(
                 parts,
                 ProxyBody::Relay {

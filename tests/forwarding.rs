@@ -808,6 +808,68 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `ab -k` and other HTTP/1.0 clients: an HTTP/1.0 connection stays open only when the
+    // answer says `Connection: keep-alive`, whatever protocol the relay spoke.
+    for proto in [Proto::H2, Proto::Http1] {
+        let (relay, sidecar) = start(proto, |sidecar| sidecar).await;
+        let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+            .await
+            .expect("the data listener accepts connections");
+        for round in 0..2 {
+            stream
+                .write_all(
+                    b"POST /ten HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+                )
+                .await
+                .expect("sent");
+            let mut answer = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+                .await
+                .expect("answered within 5 s")
+                .expect("read");
+            let text = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+            assert_eq!(
+                support::raw_status(&answer[..n]),
+                Some(200),
+                "{proto:?}: {text}"
+            );
+            assert!(
+                text.starts_with("http/1.0 200") || text.starts_with("http/1.1 200"),
+                "{proto:?}: {text}"
+            );
+            assert!(
+                text.contains("\r\nconnection: keep-alive\r\n"),
+                "{proto:?} round {round}: keep-alive announced: {text}"
+            );
+        }
+        assert_eq!(
+            relay.count_path("/ten"),
+            2,
+            "{proto:?}: both on one connection"
+        );
+
+        // Without the header, the connection closes after the answer.
+        let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+            .await
+            .expect("the data listener accepts connections");
+        stream
+            .write_all(b"POST /ten HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+            .await
+            .expect("sent");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed within 5 s")
+            .expect("read");
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert_eq!(support::raw_status(&answer), Some(200), "{proto:?}: {text}");
+        assert!(!text.contains("keep-alive"), "{proto:?}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_request_pipelined_behind_a_good_one_gets_json_400() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
