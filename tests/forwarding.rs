@@ -645,6 +645,22 @@ async fn slow_client_headers_are_cut_off() {
     assert_eq!(relay.count_path("/slow"), 0);
 }
 
+/// Writes `raw` on a new connection and reads until the sidecar closes it, which must happen
+/// within 5 s (unlike `support::raw_exchange`, a timeout fails the test).
+async fn exchange_until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the data listener accepts connections");
+    stream.write_all(raw).await.expect("sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 5 s")
+        .expect("read");
+    answer
+}
+
 /// Opens a connection to `addr`, sends `request` and reads the first answer (one read, for
 /// answers that fit in it); returns the still open connection and the answer's status.
 async fn first_exchange(
@@ -851,18 +867,11 @@ async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_
         );
 
         // Without the header, the connection closes after the answer.
-        let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
-            .await
-            .expect("the data listener accepts connections");
-        stream
-            .write_all(b"POST /ten HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
-            .await
-            .expect("sent");
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed within 5 s")
-            .expect("read");
+        let answer = exchange_until_closed(
+            sidecar.data_addr(),
+            b"POST /ten HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .await;
         let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
         assert_eq!(support::raw_status(&answer), Some(200), "{proto:?}: {text}");
         assert!(!text.contains("keep-alive"), "{proto:?}: {text}");
@@ -871,25 +880,15 @@ async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_request_pipelined_behind_a_good_one_gets_json_400() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
-    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
-        .await
-        .expect("the data listener accepts connections");
     // Both in one write, so hyper reads them together: the good one is answered first, then
     // hyper finds the second one malformed.
-    stream
-        .write_all(
-            b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}\
-              GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n",
-        )
-        .await
-        .expect("sent");
-    let mut answers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
-        .await
-        .expect("answered and closed within 5 s")
-        .expect("read");
+    let answers = exchange_until_closed(
+        sidecar.data_addr(),
+        b"POST /good HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\n{}\
+          GET /bad HTTP/1.1\r\nHo st: x\r\n\r\n",
+    )
+    .await;
     let text = String::from_utf8_lossy(&answers).into_owned();
     assert_eq!(support::raw_status(&answers), Some(200), "{text}");
     let second = text
@@ -916,7 +915,6 @@ async fn a_malformed_request_pipelined_behind_a_good_one_gets_json_400() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_body_that_looks_like_hypers_error_head_is_passed_through_unchanged() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The socket wrapper replaces hyper's bare error head with JSON; an answer body with the
     // very same bytes, pipelined or not, must reach the client as the relay sent it.
     let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
@@ -935,18 +933,11 @@ async fn an_answer_body_that_looks_like_hypers_error_head_is_passed_through_unch
         ]
         .concat()
     };
-    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
-        .await
-        .expect("the data listener accepts connections");
-    stream
-        .write_all(&[request(false), request(true)].concat())
-        .await
-        .expect("sent");
-    let mut answers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
-        .await
-        .expect("answered and closed within 5 s")
-        .expect("read");
+    let answers = exchange_until_closed(
+        sidecar.data_addr(),
+        &[request(false), request(true)].concat(),
+    )
+    .await;
     let text = String::from_utf8_lossy(&answers).into_owned();
     assert_eq!(
         text.matches("HTTP/1.1 200 OK").count(),
