@@ -258,13 +258,15 @@ impl ClientIo {
             self.write_stuck = false;
             return None;
         }
-        let deadline = Instant::now() + self.timeouts.idle;
-        let timer = self
-            .write_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !std::mem::replace(&mut self.write_stuck, true) {
-            timer.as_mut().reset(deadline);
+            // The first write that found the socket full: the clock starts now.
+            let deadline = Instant::now() + self.timeouts.idle;
+            match &mut self.write_timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.write_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
         }
+        let timer = self.write_timer.as_mut()?;
         timer
             .as_mut()
             .poll(cx)
