@@ -10,7 +10,9 @@
 # (utime+stime of the proxy's processes from /proc) over the rounds, the relay's CPU per
 # 10 000 requests while it served that proxy (h2 from the sidecar costs nginx more than
 # HTTP/1.1 from nginx; on one machine that CPU is taken from everyone), the relay's read and
-# write system calls per request (/proc/PID/io), and the ratios.
+# write system calls per request (/proc/PID/io), how often the proxy was preempted per request
+# (involuntary context switches), how much of the machine stayed idle during its windows
+# (/proc/stat), and the ratios.
 #
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
@@ -132,6 +134,10 @@ procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar
 }
 ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 # Read and write system calls (/proc/PID/io syscr, syscw) of the given pids, as "reads writes".
+# Involuntary context switches (preemptions) of all threads of the given pids.
+preempted() { local p; for p in $1; do cat /proc/"$p"/task/*/status; done | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}'; }
+# The machine's idle and total CPU ticks (/proc/stat), as "idle total".
+machine() { awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 syscalls() { local r=0 w=0 p; for p in $1; do
     r=$((r + $(awk '/^syscr/ {print $2}' "/proc/$p/io"))); w=$((w + $(awk '/^syscw/ {print $2}' "/proc/$p/io")))
     done; echo "$r $w"; }
@@ -169,16 +175,20 @@ for round in $(seq "$rounds"); do
         before=$(ticks "$p")
         relay_before=$(ticks "$r")
         read -r relay_r0 relay_w0 <<<"$(syscalls "$r")"
+        preempted_before=$(preempted "$p")
+        read -r idle0 total0 <<<"$(machine)"
         out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
         after=$(ticks "$p")
         relay_after=$(ticks "$r")
         read -r relay_r1 relay_w1 <<<"$(syscalls "$r")"
+        preempted_after=$(preempted "$p")
+        read -r idle1 total1 <<<"$(machine)"
         requests=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
         rss=$(for q in $p; do awk '/VmHWM/ {print $2}' "/proc/$q/status"; done | awk '{s += $1} END {print s}')
-        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before)) $((relay_r1 - relay_r0)) $((relay_w1 - relay_w0))" |
+        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before)) $((relay_r1 - relay_r0)) $((relay_w1 - relay_w0)) $((preempted_after - preempted_before)) $((idle1 - idle0)) $((total1 - total0))" |
             tee -a "$results"
     done
 done
@@ -189,17 +199,18 @@ hz = float(sys.argv[2])
 def ms(v):
     return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
 agg = {}
-for _, name, rps, p99, ticks, requests, errors, rss, relay_ticks, relay_reads, relay_writes in rows:
-    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "relay": [], "rr": [], "rw": [], "errors": 0, "rss": 0})
+for _, name, rps, p99, ticks, requests, errors, rss, relay_ticks, relay_reads, relay_writes, preempted, idle, total in rows:
+    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "relay": [], "rr": [], "rw": [], "pre": [], "idle": [], "errors": 0, "rss": 0})
+    a["pre"].append(int(preempted) / int(requests)); a["idle"].append(100 * int(idle) / max(int(total), 1))
     a["rr"].append(int(relay_reads) / int(requests)); a["rw"].append(int(relay_writes) / int(requests))
     a["rps"].append(float(rps)); a["p99"].append(ms(p99))
     a["cpu"].append(int(ticks) / hz / int(requests) * 10000)
     a["relay"].append(int(relay_ticks) / hz / int(requests) * 10000)
     a["errors"] += int(errors); a["rss"] = max(a["rss"], int(rss))
-print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors {'relay CPU s/10k':>15} {'relay reads/req':>15} {'relay writes/req':>16}")
-mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay", "rr", "rw")} for k, v in agg.items()}
+print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors {'relay CPU s/10k':>15} {'relay reads/req':>15} {'relay writes/req':>16} {'preempted/req':>13} {'idle %':>6}")
+mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay", "rr", "rw", "pre", "idle")} for k, v in agg.items()}
 for k, v in agg.items():
-    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f}")
+    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f} {mean[k]['pre']:13.3f} {mean[k]['idle']:6.1f}")
 print("\nratios (mean over rounds)")
 for s in ("sidecar", "sidecar-per-core"):
     for n in ("nginx-auto", "nginx-1"):
