@@ -667,10 +667,16 @@ async fn first_exchange(
     addr: std::net::SocketAddr,
     request: &[u8],
 ) -> (tokio::net::TcpStream, Option<u16>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("the data listener accepts connections");
+    let answer = send_and_read_once(&mut stream, request).await;
+    (stream, support::raw_status(&answer))
+}
+
+/// Sends `request` on `stream` and reads once (within 5 s), for answers that fit in one read.
+async fn send_and_read_once(stream: &mut tokio::net::TcpStream, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
         .write_all(request)
         .await
@@ -680,7 +686,8 @@ async fn first_exchange(
         .await
         .expect("answered within 5 s")
         .expect("the answer is read");
-    (stream, support::raw_status(&answer[..n]))
+    answer.truncate(n);
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -712,7 +719,6 @@ async fn an_idle_keep_alive_connection_is_closed_silently_after_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The header clock runs from a head's first byte, not while the connection waits for
     // its next request (that is listener.idle_timeout, 75 s by default).
     let (_relay, sidecar) = start(Proto::H2, |sidecar| {
@@ -723,20 +729,12 @@ async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
     let (mut stream, status) = first_exchange(sidecar.data_addr(), request).await;
     assert_eq!(status, Some(200));
     tokio::time::sleep(Duration::from_millis(900)).await;
-    stream
-        .write_all(request)
-        .await
-        .expect("the second request is sent");
-    let mut answer = vec![0u8; 64 * 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-        .await
-        .expect("answered within 5 s")
-        .expect("the answer is read");
+    let answer = send_and_read_once(&mut stream, request).await;
     assert_eq!(
-        support::raw_status(&answer[..n]),
+        support::raw_status(&answer),
         Some(200),
         "the same connection serves the second request: {}",
-        String::from_utf8_lossy(&answer[..n])
+        String::from_utf8_lossy(&answer)
     );
 }
 
@@ -825,7 +823,6 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_not() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `ab -k` and other HTTP/1.0 clients: an HTTP/1.0 connection stays open only when the
     // answer says `Connection: keep-alive`, whatever protocol the relay spoke.
     for proto in [Proto::H2, Proto::Http1] {
@@ -834,23 +831,13 @@ async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_
             .await
             .expect("the data listener accepts connections");
         for round in 0..2 {
-            stream
-                .write_all(
-                    b"POST /ten HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
-                )
-                .await
-                .expect("sent");
-            let mut answer = vec![0u8; 64 * 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
-                .await
-                .expect("answered within 5 s")
-                .expect("read");
-            let text = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
-            assert_eq!(
-                support::raw_status(&answer[..n]),
-                Some(200),
-                "{proto:?}: {text}"
-            );
+            let answer = send_and_read_once(
+                &mut stream,
+                b"POST /ten HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+            )
+            .await;
+            let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            assert_eq!(support::raw_status(&answer), Some(200), "{proto:?}: {text}");
             assert!(
                 text.starts_with("http/1.0 200") || text.starts_with("http/1.1 200"),
                 "{proto:?}: {text}"
