@@ -13,7 +13,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::upstream::breaker::{BreakerState, TripReason};
@@ -193,11 +192,14 @@ impl Metrics {
             "1 when the last memory-protection self-check passed, else 0",
             self_check_passed.clone(),
         );
-        service.register(
-            "build",
-            "Build information",
-            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
-        );
+        // A gauge fixed at 1 (the Prometheus convention for `*_build_info`) rather than an
+        // OpenMetrics `info` family, so that scrapers and linters that read the Prometheus
+        // text format (promtool) can also parse the OpenMetrics exposition.
+        let build_info = Family::<Labels1, Gauge>::default();
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        service.register("build_info", "Build information", build_info);
 
         let attempt_duration = Family::<Labels1, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -495,24 +497,15 @@ pub fn wants_openmetrics(accept: &str, openmetrics_by_default: bool) -> bool {
 }
 
 /// Converts OpenMetrics text to the Prometheus text format 0.0.4 for scrapers that ask
-/// for `text/plain` only: counters are typed under their `_total` sample name, info
-/// metrics become gauges, `# UNIT` and `# EOF` lines go.
+/// for `text/plain` only: counters are typed under their `_total` sample name, `# UNIT`
+/// and `# EOF` lines go.
 pub fn to_prometheus_text(openmetrics: &str) -> String {
     let mut counters = std::collections::HashSet::new();
-    let mut infos = std::collections::HashSet::new();
     for line in openmetrics.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split_whitespace();
-            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
-                match kind {
-                    "counter" => {
-                        counters.insert(name.to_string());
-                    }
-                    "info" => {
-                        infos.insert(name.to_string());
-                    }
-                    _ => {}
-                }
+            if let (Some(name), Some("counter")) = (parts.next(), parts.next()) {
+                counters.insert(name.to_string());
             }
         }
     }
@@ -527,8 +520,6 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             let kind = parts.next().unwrap_or_default();
             if counters.contains(name) {
                 format!("# TYPE {name}_total counter")
-            } else if infos.contains(name) {
-                format!("# TYPE {name}_info gauge")
             } else {
                 format!("# TYPE {name} {kind}")
             }
@@ -536,8 +527,6 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
             if counters.contains(name) {
                 format!("# HELP {name}_total {help}")
-            } else if infos.contains(name) {
-                format!("# HELP {name}_info {help}")
             } else {
                 line.to_string()
             }

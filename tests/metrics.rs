@@ -436,6 +436,46 @@ async fn prometheus_text_exposition_passes_promtool_without_findings() {
     }
 }
 
+/// promtool 2.x reads only the Prometheus text format. Fed the OpenMetrics exposition that
+/// `/metrics` serves by default, it must still parse every line (no `info` or other
+/// OpenMetrics-only type). The one kind of finding it may print is inherent to OpenMetrics:
+/// a counter family `x` exposes its sample as `x_total`, which the text parser reads as a
+/// separate family without help.
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_parses_the_default_openmetrics_exposition() {
+    let promtool = promtool();
+    let (_relay, sidecar) = busy().await;
+    let (content_type, text) = scrape(&sidecar, "/metrics", "*/*").await;
+    assert!(content_type.starts_with(OPENMETRICS), "{content_type}");
+    let counters: BTreeSet<String> = parse("openmetrics", &text)
+        .await
+        .into_iter()
+        .filter(|family| family.kind == "counter")
+        .map(|family| family.name)
+        .collect();
+    assert!(!counters.is_empty(), "counters in the exposition:\n{text}");
+    let (code, stdout, stderr) =
+        run_with_stdin(&promtool, &["check", "metrics"], text.as_bytes()).await;
+    let unexpected: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .filter(|line| {
+            let counter_help = line
+                .strip_suffix(" no help text")
+                .and_then(|name| name.strip_suffix("_total"))
+                .is_some_and(|family| counters.contains(family));
+            !counter_help
+        })
+        .collect();
+    assert!(
+        matches!(code, Some(0) | Some(3)) && unexpected.is_empty(),
+        "promtool check metrics on the OpenMetrics /metrics (exit {code:?}):\n{}\n--- exposition ---\n{text}",
+        unexpected.join("\n")
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Families
 
@@ -708,7 +748,7 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
     );
 
     // Build info.
-    let build = family(&families, "sprint_sidecar_build", "info");
+    let build = family(&families, "sprint_sidecar_build_info", "gauge");
     assert_eq!(
         label_values(build, "sprint_sidecar_build_info", "version"),
         set(&[env!("CARGO_PKG_VERSION")])
@@ -743,7 +783,7 @@ async fn pool_metrics_endpoint_holds_only_the_pool_families() {
     }
     for name in [
         "sprint_sidecar_requests",
-        "sprint_sidecar_build",
+        "sprint_sidecar_build_info",
         "sprint_sidecar_secure_buffers",
         "sprint_sidecar_client_connections",
     ] {
