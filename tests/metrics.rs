@@ -378,6 +378,21 @@ async fn openmetrics_exposition_parses_with_the_strict_parser() {
     assert!(content_type.starts_with(OPENMETRICS), "{content_type}");
 }
 
+/// Runs `promtool check metrics` on `text`: its exit code and every non-empty output line,
+/// trimmed. promtool prints lint findings (naming, help, counters without _total...) on
+/// stdout and parse errors on stderr; both count.
+async fn promtool_check(promtool: &Path, text: &str) -> (Option<i32>, String) {
+    let (code, stdout, stderr) =
+        run_with_stdin(promtool, &["check", "metrics"], text.as_bytes()).await;
+    let lines: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    (code, lines.join("\n"))
+}
+
 /// promtool findings that are accepted, each with the reason. Empty: today every line
 /// promtool prints is a failure.
 const ACCEPTED_PROMTOOL_FINDINGS: &[(&str, &str)] = &[];
@@ -401,15 +416,9 @@ async fn prometheus_text_exposition_passes_promtool_without_findings() {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{path}: OpenMetrics-only lines in the text format"
         );
-        let (code, stdout, stderr) =
-            run_with_stdin(&promtool, &["check", "metrics"], text.as_bytes()).await;
-        // promtool prints lint findings (naming, help, counters without _total...) on stdout
-        // and parse errors on stderr; both count.
-        let findings: Vec<&str> = stdout
+        let (code, output) = promtool_check(&promtool, &text).await;
+        let findings: Vec<&str> = output
             .lines()
-            .chain(stderr.lines())
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
             .filter(|line| {
                 !ACCEPTED_PROMTOOL_FINDINGS
                     .iter()
@@ -454,13 +463,9 @@ async fn promtool_parses_the_default_openmetrics_exposition() {
         .map(|family| family.name)
         .collect();
     assert!(!counters.is_empty(), "counters in the exposition:\n{text}");
-    let (code, stdout, stderr) =
-        run_with_stdin(&promtool, &["check", "metrics"], text.as_bytes()).await;
-    let unexpected: Vec<&str> = stdout
+    let (code, output) = promtool_check(&promtool, &text).await;
+    let unexpected: Vec<&str> = output
         .lines()
-        .chain(stderr.lines())
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
         .filter(|line| {
             let counter_help = line
                 .strip_suffix(" no help text")
