@@ -12,7 +12,9 @@
 # HTTP/1.1 from nginx; on one machine that CPU is taken from everyone), the relay's read and
 # write system calls per request (/proc/PID/io), how often the proxy was preempted per request
 # (involuntary context switches), how much of the machine stayed idle during its windows
-# (/proc/stat), and the ratios.
+# (/proc/stat), wrk's own CPU per 10 000 requests (the shell's `times` for its child), the
+# total of proxy, relay and wrk (all the work one request costs on this machine), and the
+# ratios.
 #
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
@@ -177,7 +179,9 @@ for round in $(seq "$rounds"); do
         read -r relay_r0 relay_w0 <<<"$(syscalls "$r")"
         preempted_before=$(preempted "$p")
         read -r idle0 total0 <<<"$(machine)"
-        out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/")
+        # `times` in the same subshell: its second line is wrk's user and system time.
+        out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/"; times)
+        wrk_ms=$(tail -n 1 <<<"$out" | awk '{t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] } printf "%d", t * 1000}')
         after=$(ticks "$p")
         relay_after=$(ticks "$r")
         read -r relay_r1 relay_w1 <<<"$(syscalls "$r")"
@@ -188,7 +192,7 @@ for round in $(seq "$rounds"); do
         p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
         errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
         rss=$(for q in $p; do awk '/VmHWM/ {print $2}' "/proc/$q/status"; done | awk '{s += $1} END {print s}')
-        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before)) $((relay_r1 - relay_r0)) $((relay_w1 - relay_w0)) $((preempted_after - preempted_before)) $((idle1 - idle0)) $((total1 - total0))" |
+        echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before)) $((relay_r1 - relay_r0)) $((relay_w1 - relay_w0)) $((preempted_after - preempted_before)) $((idle1 - idle0)) $((total1 - total0)) $wrk_ms" |
             tee -a "$results"
     done
 done
@@ -199,18 +203,20 @@ hz = float(sys.argv[2])
 def ms(v):
     return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
 agg = {}
-for _, name, rps, p99, ticks, requests, errors, rss, relay_ticks, relay_reads, relay_writes, preempted, idle, total in rows:
-    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "relay": [], "rr": [], "rw": [], "pre": [], "idle": [], "errors": 0, "rss": 0})
+for _, name, rps, p99, ticks, requests, errors, rss, relay_ticks, relay_reads, relay_writes, preempted, idle, total, wrk_ms in rows:
+    a = agg.setdefault(name, {"rps": [], "p99": [], "cpu": [], "relay": [], "rr": [], "rw": [], "pre": [], "idle": [], "wrk": [], "all": [], "errors": 0, "rss": 0})
     a["pre"].append(int(preempted) / int(requests)); a["idle"].append(100 * int(idle) / max(int(total), 1))
     a["rr"].append(int(relay_reads) / int(requests)); a["rw"].append(int(relay_writes) / int(requests))
     a["rps"].append(float(rps)); a["p99"].append(ms(p99))
     a["cpu"].append(int(ticks) / hz / int(requests) * 10000)
     a["relay"].append(int(relay_ticks) / hz / int(requests) * 10000)
+    a["wrk"].append(int(wrk_ms) / 1000 / int(requests) * 10000)
+    a["all"].append(a["cpu"][-1] + a["relay"][-1] + a["wrk"][-1])
     a["errors"] += int(errors); a["rss"] = max(a["rss"], int(rss))
-print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors {'relay CPU s/10k':>15} {'relay reads/req':>15} {'relay writes/req':>16} {'preempted/req':>13} {'idle %':>6}")
-mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay", "rr", "rw", "pre", "idle")} for k, v in agg.items()}
+print(f"\n{'proxy':18} {'req/s':>8} {'p99 ms':>7} {'CPU s/10k':>9} {'peak RSS':>9} errors {'relay CPU s/10k':>15} {'relay reads/req':>15} {'relay writes/req':>16} {'preempted/req':>13} {'idle %':>6} {'wrk CPU s/10k':>13} {'all CPU s/10k':>13}")
+mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay", "rr", "rw", "pre", "idle", "wrk", "all")} for k, v in agg.items()}
 for k, v in agg.items():
-    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f} {mean[k]['pre']:13.3f} {mean[k]['idle']:6.1f}")
+    print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f} {mean[k]['pre']:13.3f} {mean[k]['idle']:6.1f} {mean[k]['wrk']:13.3f} {mean[k]['all']:13.3f}")
 print("\nratios (mean over rounds)")
 for s in ("sidecar", "sidecar-per-core"):
     for n in ("nginx-auto", "nginx-1"):
