@@ -3,7 +3,7 @@
 //! allocation — so it stays off the contention path. Pure: time is passed in as
 //! milliseconds since an origin the caller chooses.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Slices in the window.
@@ -41,18 +41,33 @@ fn bucket_value(index: usize) -> f64 {
     (low + high) as f64 / 2.0
 }
 
+/// One slice of the window: a counter per bucket. Each counter holds the epoch it counts
+/// for (high 32 bits, as a [`tag`]) and its count in that epoch (low 32 bits), so reusing a
+/// slice a full window later and counting in it are one atomic step per bucket: a sample
+/// recorded while another thread starts the slice's new epoch is never cleared away.
 struct Slice {
-    epoch: AtomicU64,
-    counts: [AtomicU32; BUCKETS],
+    counts: [AtomicU64; BUCKETS],
 }
 
 impl Slice {
     fn new() -> Self {
         Slice {
-            epoch: AtomicU64::new(u64::MAX),
-            counts: std::array::from_fn(|_| AtomicU32::new(0)),
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
+}
+
+const COUNT_MASK: u64 = 0xFFFF_FFFF;
+
+/// The tag of a 10 s epoch: its number plus one, in 32 bits (0 marks a counter never used).
+/// 32 bits of 10 s epochs wrap after about 1 361 years.
+fn tag(epoch: u64) -> u64 {
+    epoch.wrapping_add(1) & COUNT_MASK
+}
+
+/// How many epochs `older` lies before `newer` (both tags); huge when it lies after.
+fn tag_age(newer: u64, older: u64) -> u64 {
+    newer.wrapping_sub(older) & COUNT_MASK
 }
 
 /// The latency record of one connection.
@@ -85,28 +100,34 @@ impl LatencyWindow {
         }
     }
 
-    fn slice_for(&self, now_ms: u64) -> &Slice {
+    /// Counts one sample in `bucket` of the slice for `now_ms`. A counter still holding an
+    /// older epoch starts again at 1 for this one; a sample older than the counter's epoch
+    /// (a recorder that stalled for a whole window) is dropped, as it is out of the window.
+    fn count(&self, now_ms: u64, bucket: usize) {
         let epoch = now_ms / SLICE.as_millis() as u64;
-        let slice = &self.slices[(epoch % SLICES as u64) as usize];
-        let seen = slice.epoch.load(Ordering::Acquire);
-        if seen != epoch
-            && slice
-                .epoch
-                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // This slice last held data from a full window ago: clear it for reuse.
-            for c in &slice.counts {
-                c.store(0, Ordering::Relaxed);
+        let tag = tag(epoch);
+        let counter = &self.slices[(epoch % SLICES as u64) as usize].counts[bucket];
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            let held = v >> 32;
+            if held == tag {
+                // Saturates rather than carrying into the tag.
+                Some(if v & COUNT_MASK == COUNT_MASK {
+                    v
+                } else {
+                    v + 1
+                })
+            } else if held == 0 || tag_age(tag, held) < 1 << 31 {
+                Some(tag << 32 | 1)
+            } else {
+                None
             }
-        }
-        slice
+        });
     }
 
     /// Records one request's time to response headers.
     pub fn record(&self, now_ms: u64, latency: Duration) {
         let us = latency.as_micros().min(u64::MAX as u128) as u64;
-        self.slice_for(now_ms).counts[bucket(us)].fetch_add(1, Ordering::Relaxed);
+        self.count(now_ms, bucket(us));
         self.samples.fetch_add(1, Ordering::Relaxed);
         let ms = latency.as_secs_f64() * 1000.0;
         let _ = self
@@ -135,12 +156,13 @@ impl LatencyWindow {
 
     /// Adds this window's live buckets into `into`.
     pub fn merge_into(&self, now_ms: u64, into: &mut Histogram) {
-        let epoch = now_ms / SLICE.as_millis() as u64;
+        let now = tag(now_ms / SLICE.as_millis() as u64);
         for s in &self.slices {
-            let e = s.epoch.load(Ordering::Acquire);
-            if e <= epoch && e + (SLICES as u64) > epoch {
-                for (i, c) in s.counts.iter().enumerate() {
-                    into.counts[i] += c.load(Ordering::Relaxed) as u64;
+            for (i, c) in s.counts.iter().enumerate() {
+                let v = c.load(Ordering::Relaxed);
+                let held = v >> 32;
+                if held != 0 && tag_age(now, held) < SLICES as u64 {
+                    into.counts[i] += v & COUNT_MASK;
                 }
             }
         }
@@ -295,6 +317,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_a_window_late_does_not_clear_newer_counts() {
+        let w = LatencyWindow::new();
+        w.record(65_000, Duration::from_millis(3));
+        w.record(65_000, Duration::from_millis(3));
+        // Same slice and bucket, one full window earlier: out of the window, dropped.
+        w.record(5_000, Duration::from_millis(3));
+        assert_eq!(w.histogram(65_000).count(), 2);
+        assert_eq!(
+            w.histogram(5_000).count(),
+            0,
+            "epoch 0's view holds no epoch 6 data"
+        );
+    }
+
+    #[test]
+    fn tags_order_epochs_across_the_32_bit_wrap() {
+        let last = (1u64 << 32) - 2; // the last epoch before the tag wraps to 0
+        assert_eq!(tag(last), COUNT_MASK);
+        assert_eq!(tag(last + 1), 0);
+        assert_eq!(tag_age(tag(last + 2), tag(last)), 2);
+        let w = LatencyWindow::new();
+        let at = |epoch: u64| epoch * 10_000;
+        w.record(at(last), Duration::from_millis(1));
+        w.record(at(last + 2), Duration::from_millis(1));
+        assert_eq!(w.histogram(at(last + 2)).count(), 2);
+        assert_eq!(
+            w.histogram(at(last + 6)).count(),
+            1,
+            "epoch `last` slid out"
+        );
+    }
+
+    #[test]
     fn ewma_follows_recent_samples() {
         let w = LatencyWindow::new();
         assert_eq!(w.ewma_ms(), 0.0);
@@ -341,5 +396,44 @@ mod tests {
         }
         assert_eq!(w.histogram(1_000).count(), 40_000);
         assert_eq!(w.samples(), 40_000);
+    }
+
+    /// Every round starts a new slice with four threads recording at once, so the first
+    /// samples of each slice race its reuse (clearing) 300 times. None may be lost.
+    #[test]
+    fn concurrent_recording_across_slice_reuse_loses_nothing() {
+        const THREADS: usize = 4;
+        const PER_ROUND: u64 = 200;
+        const ROUNDS: u64 = 300;
+        let w = std::sync::Arc::new(LatencyWindow::new());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+        let done = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (w, start, done) = (w.clone(), start.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for round in 0..ROUNDS {
+                        start.wait();
+                        for i in 0..PER_ROUND {
+                            w.record(round * 10_000 + 1, Duration::from_micros(i * 7));
+                        }
+                        done.wait();
+                    }
+                })
+            })
+            .collect();
+        for round in 0..ROUNDS {
+            start.wait();
+            done.wait();
+            let live = (round + 1).min(SLICES as u64);
+            assert_eq!(
+                w.histogram(round * 10_000 + 1).count(),
+                live * THREADS as u64 * PER_ROUND,
+                "round {round}"
+            );
+        }
+        for t in threads {
+            t.join().expect("recorder thread");
+        }
     }
 }
