@@ -565,7 +565,7 @@ fn pool_stats(state: &AdminState) -> PoolStats {
     let h = pool_histogram(&snapshot);
     let requests: u64 = snapshot.iter().map(|s| s.requests).sum();
     let errors: u64 = snapshot.iter().map(|s| s.errors).sum();
-    let (closed_sent, closed_received) = state.pool.closed_bytes();
+    let (bytes_sent, bytes_received) = state.pool.byte_totals();
     let recent = state.sampler.recent();
     PoolStats {
         requests,
@@ -583,8 +583,8 @@ fn pool_stats(state: &AdminState) -> PoolStats {
             p99: round3(h.quantile_ms(0.99)),
             avg: round3(h.mean_ms()),
         },
-        bytes_sent: closed_sent + snapshot.iter().map(|s| s.bytes_sent).sum::<u64>(),
-        bytes_received: closed_received + snapshot.iter().map(|s| s.bytes_received).sum::<u64>(),
+        bytes_sent,
+        bytes_received,
         breaker_transitions: snapshot.iter().map(|s| s.transitions).sum(),
         reconnects: snapshot.iter().map(|s| s.reconnects).sum(),
         uptime_seconds: round3(

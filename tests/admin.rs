@@ -737,6 +737,69 @@ async fn status_figures_are_live_and_follow_a_503_storm() {
     relay.heal();
 }
 
+/// Posts `count` requests with a `size`-byte body, one after another; returns the answer body
+/// bytes the client received.
+async fn post_bodies(sidecar: &Sidecar, count: usize, size: usize) -> u64 {
+    let client = support::client();
+    let mut received = 0;
+    for i in 0..count {
+        let answer = client
+            .post(sidecar.data_url(&format!("/rpc/{i}")))
+            .body(vec![b'x'; size])
+            .send()
+            .await
+            .expect("the sidecar answers");
+        assert_eq!(answer.status(), 200);
+        received += answer.bytes().await.expect("the whole answer").len() as u64;
+    }
+    received
+}
+
+async fn byte_totals(sidecar: &Sidecar) -> (u64, u64) {
+    let (status, stats) = sidecar.get_json("/api/v1/secure-channel/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let count = |field: &str| {
+        stats[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} is a count: {stats}"))
+    };
+    (count("bytes_sent"), count("bytes_received"))
+}
+
+/// `bytes_sent` and `bytes_received` of `/stats` are the body bytes that went to and came from
+/// the relay, over both protocols, and lifetime totals: a relay outage that takes every
+/// connection away takes nothing from them.
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_byte_totals_are_exact_over_both_protocols_and_survive_an_outage() {
+    for protocol in [Proto::H2, Proto::Http1] {
+        let relay = Relay::builder().protocol(protocol).start().await;
+        let sidecar = Sidecar::builder().relay(&relay).pool_size(2).start().await;
+        sidecar.wait_ready().await;
+        let name = protocol.name();
+
+        let received = post_bodies(&sidecar, 6, 1000).await;
+        assert!(received > 0, "{name}: the relay answers with a body");
+        assert_eq!(byte_totals(&sidecar).await, (6000, received), "{name}");
+
+        relay.go_down().await;
+        sidecar.wait_admin_status("/ready", 503).await;
+        assert_eq!(
+            byte_totals(&sidecar).await,
+            (6000, received),
+            "{name}: connections gone, totals kept"
+        );
+
+        relay.come_back().await;
+        sidecar.wait_ready().await;
+        let more = post_bodies(&sidecar, 4, 500).await;
+        assert_eq!(
+            byte_totals(&sidecar).await,
+            (8000, received + more),
+            "{name}: counting goes on over the new connections"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_and_wrong_methods_answer_json_errors() {
     let (_relay, sidecar) = start(1, |builder| builder).await;

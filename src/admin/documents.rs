@@ -89,7 +89,10 @@ pub struct PoolStats {
     pub retries: u64,
     pub retry_budget_exhausted: u64,
     pub latency_ms: LatencySummary,
+    /// Request body bytes sent to the relay since start, over every connection the pool has
+    /// had; it only grows.
     pub bytes_sent: u64,
+    /// Response body bytes received from the relay since start, likewise.
     pub bytes_received: u64,
     pub breaker_transitions: u64,
     pub reconnects: u64,

@@ -88,6 +88,49 @@ impl Body for AttemptBody {
     }
 }
 
+/// Body bytes the pool's connections sent to and received from the relay over the pool's
+/// lifetime. Every connection counts into the pool's one set as the bytes pass, so the totals
+/// only grow: a connection that drains or dies takes nothing away from them.
+#[derive(Debug, Default)]
+pub struct ByteTotals {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// A request body on its way over an HTTP/1.1 connection: counts each piece as hyper takes
+/// it to write (HTTP/2 counts where it hands pieces to the stream).
+struct SentBody {
+    body: AttemptBody,
+    conn: Arc<Connection>,
+}
+
+impl Body for SentBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.conn.count_sent(data.len());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Counters of one connection, read by the pool, the ejector and the admin API.
 #[derive(Debug, Default)]
 pub struct ConnectionStats {
@@ -101,7 +144,7 @@ pub struct ConnectionStats {
 
 enum Sender {
     H2(h2::client::SendRequest<Bytes>),
-    Http1(std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<AttemptBody>>>),
+    Http1(std::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<SentBody>>>),
 }
 
 /// One live TLS connection. Dropped (and so closed gracefully) once the pool has replaced
@@ -113,6 +156,8 @@ pub struct Connection {
     /// Distinguishes successive connections of one slot.
     pub generation: u64,
     pub stats: ConnectionStats,
+    /// The pool's lifetime totals, counted into alongside `stats`.
+    totals: Arc<ByteTotals>,
     pub latency: LatencyWindow,
     sender: Sender,
     permits: Arc<Semaphore>,
@@ -153,6 +198,20 @@ impl std::fmt::Display for DialError {
 }
 
 impl Connection {
+    /// Counts request body bytes sent to the relay, here and in the pool's totals.
+    fn count_sent(&self, n: usize) {
+        self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.totals.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts response body bytes received from the relay, here and in the pool's totals.
+    fn count_received(&self, n: usize) {
+        self.stats
+            .bytes_received
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.totals.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Whether the connection has ended (its driver finished or a PING went unanswered).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -240,6 +299,8 @@ impl Connection {
                         true,
                     ));
                 };
+                let conn = Arc::clone(self);
+                let req = req.map(|body| SentBody { body, conn });
                 let result = self.send_h1(&mut sender, req, guard).await;
                 if let Ok(mut s) = slot.lock() {
                     *s = Some(sender);
@@ -277,8 +338,8 @@ impl Connection {
 
     async fn send_h1(
         &self,
-        sender: &mut hyper::client::conn::http1::SendRequest<AttemptBody>,
-        req: Request<AttemptBody>,
+        sender: &mut hyper::client::conn::http1::SendRequest<SentBody>,
+        req: Request<SentBody>,
         guard: InFlight,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         if sender.ready().await.is_err() {
@@ -346,9 +407,7 @@ impl Connection {
                 // A buffered body (at most 64 KiB) goes in one frame sequence right away: h2
                 // queues what exceeds the window and flushes it as capacity arrives.
                 AttemptBody::Full(Some(bytes)) => {
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.count_sent(bytes.len());
                     let _ = stream.send_data(bytes, true);
                 }
                 streamed => {
@@ -436,9 +495,7 @@ async fn pump_body(
                     match granted {
                         Some(Ok(n)) if n > 0 => {
                             let chunk = data.split_to(n.min(data.len()));
-                            conn.stats
-                                .bytes_sent
-                                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                            conn.count_sent(chunk.len());
                             if stream.send_data(chunk, false).is_err() {
                                 return;
                             }
@@ -562,10 +619,7 @@ impl ResponseBody {
 
     fn count(&self, n: usize) {
         if let Some(g) = &self.guard {
-            g.conn
-                .stats
-                .bytes_received
-                .fetch_add(n as u64, Ordering::Relaxed);
+            g.conn.count_received(n);
         }
     }
 
@@ -683,6 +737,7 @@ pub async fn dial(
     tls: &TlsSetup,
     generation: u64,
     freed: Arc<Notify>,
+    totals: Arc<ByteTotals>,
 ) -> Result<Arc<Connection>, DialError> {
     let pool = &cfg.pool;
     let tcp = tokio::time::timeout(pool.connect_timeout, connect_tcp(&cfg.upstream.endpoint))
@@ -744,6 +799,7 @@ pub async fn dial(
                 max_streams,
                 freed,
                 pool.request_timeout,
+                totals,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -793,7 +849,7 @@ pub async fn dial(
         }
         Protocol::Http1 => {
             let (sender, connection) = hyper::client::conn::http1::Builder::new()
-                .handshake::<_, AttemptBody>(TokioIo::new(stream))
+                .handshake::<_, SentBody>(TokioIo::new(stream))
                 .await
                 .map_err(|e| handshake_failed(&e))?;
             let conn = Arc::new(Connection::new(
@@ -803,6 +859,7 @@ pub async fn dial(
                 1,
                 freed,
                 pool.request_timeout,
+                totals,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -824,6 +881,7 @@ impl Connection {
         permits: usize,
         freed: Arc<Notify>,
         body_idle_timeout: Duration,
+        totals: Arc<ByteTotals>,
     ) -> Self {
         let stats = ConnectionStats::default();
         stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
@@ -833,6 +891,7 @@ impl Connection {
             connected_instant: Instant::now(),
             generation,
             stats,
+            totals,
             latency: LatencyWindow::new(),
             sender,
             permits: Arc::new(Semaphore::new(permits)),

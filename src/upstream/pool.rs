@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::UpstreamError;
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
-use super::connection::{Connection, DialError, dial};
+use super::connection::{ByteTotals, Connection, DialError, dial};
 use crate::config::Config;
 use crate::latency::Histogram;
 use crate::metrics::Metrics;
@@ -211,7 +211,7 @@ pub struct Pool {
     metrics: Metrics,
     origin: Instant,
     generation: AtomicU64,
-    closed_bytes: (AtomicU64, AtomicU64),
+    totals: Arc<ByteTotals>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -236,7 +236,7 @@ impl Pool {
             metrics,
             origin: now,
             generation: AtomicU64::new(0),
-            closed_bytes: (AtomicU64::new(0), AtomicU64::new(0)),
+            totals: Arc::default(),
         })
     }
 
@@ -548,11 +548,12 @@ impl Pool {
             .collect()
     }
 
-    /// Bytes carried by connections that have since closed (for lifetime totals).
-    pub fn closed_bytes(&self) -> (u64, u64) {
+    /// Body bytes (sent to, received from the relay) over the pool's lifetime, through every
+    /// connection it ever had.
+    pub fn byte_totals(&self) -> (u64, u64) {
         (
-            self.closed_bytes.0.load(Ordering::Relaxed),
-            self.closed_bytes.1.load(Ordering::Relaxed),
+            self.totals.sent.load(Ordering::Relaxed),
+            self.totals.received.load(Ordering::Relaxed),
         )
     }
 
@@ -596,14 +597,6 @@ impl Pool {
         let old = slot.current.lock().ok().and_then(|mut c| c.replace(conn));
         if let Some(old) = old {
             old.start_draining();
-            self.closed_bytes.0.fetch_add(
-                old.stats.bytes_sent.load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
-            self.closed_bytes.1.fetch_add(
-                old.stats.bytes_received.load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
         }
         slot.set_state(SlotState::Connected);
         self.changed.notify_waiters();
@@ -633,7 +626,7 @@ async fn supervise(
         }
         let generation = p.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let dialed = tokio::select! {
-            d = dial(&p.cfg, &p.tls, generation, p.changed.clone()) => d,
+            d = dial(&p.cfg, &p.tls, generation, p.changed.clone(), p.totals.clone()) => d,
             _ = shutdown.changed() => return,
         };
         let delay = match dialed {
