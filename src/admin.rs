@@ -36,7 +36,6 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::latency::Histogram;
 use crate::metrics::{Metrics, ScrapeValues, to_prometheus_text};
 use crate::proxy::client_io;
 use crate::response::{json, json_error, rfc3339};
@@ -519,14 +518,6 @@ fn connection_statuses(state: &AdminState) -> Vec<ConnectionStatus> {
         .collect()
 }
 
-fn pool_histogram(snapshot: &[SlotSnapshot]) -> Histogram {
-    let mut h = Histogram::default();
-    for s in snapshot {
-        h.merge(&s.histogram);
-    }
-    h
-}
-
 fn pool_state(snapshot: &[SlotSnapshot]) -> &'static str {
     let healthy = snapshot.iter().filter(|s| s.is_healthy).count();
     if healthy == 0 {
@@ -540,7 +531,7 @@ fn pool_state(snapshot: &[SlotSnapshot]) -> &'static str {
 
 fn pool_status(state: &AdminState) -> PoolStatus {
     let snapshot = state.pool.snapshot();
-    let h = pool_histogram(&snapshot);
+    let h = state.pool.histogram();
     let healthy = snapshot.iter().filter(|s| s.is_healthy).count();
     PoolStatus {
         endpoint: state.cfg.upstream.endpoint.to_string(),
@@ -562,7 +553,7 @@ fn pool_status(state: &AdminState) -> PoolStatus {
 
 fn pool_stats(state: &AdminState) -> PoolStats {
     let snapshot = state.pool.snapshot();
-    let h = pool_histogram(&snapshot);
+    let h = state.pool.histogram();
     let requests: u64 = snapshot.iter().map(|s| s.requests).sum();
     let errors: u64 = snapshot.iter().map(|s| s.errors).sum();
     let (bytes_sent, bytes_received) = state.pool.byte_totals();
@@ -611,7 +602,7 @@ fn human_uptime(d: Duration) -> String {
 
 fn service_status(state: &AdminState) -> ServiceStatus {
     let snapshot = state.pool.snapshot();
-    let h = pool_histogram(&snapshot);
+    let h = state.pool.histogram();
     let healthy = snapshot.iter().filter(|s| s.is_healthy).count();
     let open = snapshot
         .iter()

@@ -800,6 +800,39 @@ async fn stats_byte_totals_are_exact_over_both_protocols_and_survive_an_outage()
     }
 }
 
+/// The pool's percentiles cover the whole window, not only the connections open now: a relay
+/// that drops every connection (or rotates them after a few hundred requests, as nginx does)
+/// does not empty them.
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_latency_keeps_its_window_when_every_connection_is_replaced() {
+    let (relay, sidecar) = start(2, |builder| builder).await;
+    post_bodies(&sidecar, 20, 10).await;
+    relay.go_down().await;
+    sidecar.wait_admin_status("/ready", 503).await;
+    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+    assert!(
+        status["pool_p95_latency_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{status}"
+    );
+    let (_, stats) = sidecar.get_json("/api/v1/secure-channel/stats").await;
+    for quantile in ["p50", "p95", "p99", "avg"] {
+        assert!(
+            stats["latency_ms"][quantile].as_f64().unwrap_or(0.0) > 0.0,
+            "{quantile}: {stats}"
+        );
+    }
+    assert!(stats["requests"].as_u64().unwrap_or(0) >= 20, "{stats}");
+    // The connections themselves start afresh: none is open, so none reports a percentile.
+    let (_, listing) = sidecar.get_json("/api/v1/secure-channel/connections").await;
+    for connection in listing["connections"].as_array().expect("connections[]") {
+        assert_eq!(
+            connection["p95_latency_ms"].as_f64(),
+            Some(0.0),
+            "{connection}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_and_wrong_methods_answer_json_errors() {
     let (_relay, sidecar) = start(1, |builder| builder).await;

@@ -16,7 +16,7 @@ use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
 use super::connection::{ByteTotals, Connection, DialError, dial};
 use crate::config::Config;
-use crate::latency::Histogram;
+use crate::latency::{Histogram, LatencyWindow};
 use crate::metrics::Metrics;
 use crate::tls::TlsSetup;
 
@@ -212,6 +212,9 @@ pub struct Pool {
     origin: Instant,
     generation: AtomicU64,
     totals: Arc<ByteTotals>,
+    /// Every attempt's latency, whichever connection carried it: the pool's percentiles over
+    /// the whole window, also when the relay rotates connections far more often than that.
+    latency: LatencyWindow,
 }
 
 impl std::fmt::Debug for Pool {
@@ -237,6 +240,7 @@ impl Pool {
             origin: now,
             generation: AtomicU64::new(0),
             totals: Arc::default(),
+            latency: LatencyWindow::new(),
         })
     }
 
@@ -426,7 +430,9 @@ impl Pool {
         let now = Instant::now();
         let slot = checkout.slot.clone();
         if let Some(l) = latency {
-            checkout.conn.latency.record(self.now_ms(), l);
+            let now_ms = self.now_ms();
+            checkout.conn.latency.record(now_ms, l);
+            self.latency.record(now_ms, l);
         }
         if outcome == Outcome::Failure {
             slot.errors.fetch_add(1, Ordering::Relaxed);
@@ -546,6 +552,11 @@ impl Pool {
                 }
             })
             .collect()
+    }
+
+    /// The pool's latency histogram over the window (every connection, live or replaced).
+    pub fn histogram(&self) -> Histogram {
+        self.latency.histogram(self.now_ms())
     }
 
     /// Body bytes (sent to, received from the relay) over the pool's lifetime, through every
