@@ -25,6 +25,17 @@ type Labels2 = [(&'static str, &'static str); 2];
 /// request is idempotent.
 pub const RETRY_REASONS: [&str; 3] = ["refused", "never_sent", "idempotent"];
 
+/// How one attempt at the relay ended, as `upstream_attempt_duration_seconds` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Success,
+    /// An error, a reset, a timeout, or a 502/503/504 answer from the relay.
+    Failure,
+    /// Declined before the relay processed it (GOAWAY, REFUSED_STREAM, a kept-alive
+    /// connection closed first): says nothing about the relay's health, and is retried.
+    Refused,
+}
+
 struct Inner {
     service: Registry,
     pool: Registry,
@@ -55,6 +66,7 @@ struct Inner {
     request_series: [OnceLock<Counter>; METHOD_CLASSES.len() * STATUS_CLASSES.len()],
     attempt_success: Histogram,
     attempt_failure: Histogram,
+    attempt_refused: Histogram,
     answered: AtomicU64,
     answered_5xx: AtomicU64,
 }
@@ -206,7 +218,10 @@ impl Metrics {
         });
         pool.register_with_unit(
             "upstream_attempt_duration",
-            "Time from sending one attempt to the relay to its response headers, by outcome",
+            "Time from sending one attempt to the relay to its response headers, by outcome: \
+             success; failure (an error, reset or timeout, or a 502/503/504 from the relay); \
+             refused (declined before the relay processed it, e.g. HTTP/2 GOAWAY or \
+             REFUSED_STREAM while the relay rotates a connection; retried)",
             Unit::Seconds,
             attempt_duration.clone(),
         );
@@ -281,6 +296,9 @@ impl Metrics {
         let attempt_failure = attempt_duration
             .get_or_create(&[("outcome", "failure")])
             .clone();
+        let attempt_refused = attempt_duration
+            .get_or_create(&[("outcome", "refused")])
+            .clone();
         for reason in ["connect", "timeout", "certificate"] {
             let _ = tls_handshake_failures.get_or_create(&[("reason", reason)]);
         }
@@ -322,6 +340,7 @@ impl Metrics {
                 request_series: std::array::from_fn(|_| OnceLock::new()),
                 attempt_success,
                 attempt_failure,
+                attempt_refused,
                 answered: AtomicU64::new(0),
                 answered_5xx: AtomicU64::new(0),
             }),
@@ -366,11 +385,11 @@ impl Metrics {
         (retries, self.inner.retry_budget_exhausted.get())
     }
 
-    pub fn attempt(&self, success: bool, elapsed: Duration) {
-        let histogram = if success {
-            &self.inner.attempt_success
-        } else {
-            &self.inner.attempt_failure
+    pub fn attempt(&self, outcome: AttemptOutcome, elapsed: Duration) {
+        let histogram = match outcome {
+            AttemptOutcome::Success => &self.inner.attempt_success,
+            AttemptOutcome::Failure => &self.inner.attempt_failure,
+            AttemptOutcome::Refused => &self.inner.attempt_refused,
         };
         histogram.observe(elapsed.as_secs_f64());
     }
@@ -547,7 +566,8 @@ mod tests {
     fn families_are_named_with_prefix_and_units() {
         let m = Metrics::new(2);
         m.request_finished(&http::Method::POST, 200, Duration::from_millis(3));
-        m.attempt(true, Duration::from_millis(2));
+        m.attempt(AttemptOutcome::Success, Duration::from_millis(2));
+        m.attempt(AttemptOutcome::Refused, Duration::from_millis(1));
         let values = ScrapeValues {
             breakers: vec![(0, BreakerState::Closed), (1, BreakerState::Open)],
             ..ScrapeValues::default()
@@ -558,6 +578,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# UNIT sprint_sidecar_request_duration_seconds seconds"));
+        for (outcome, count) in [("success", 1), ("failure", 0), ("refused", 1)] {
+            let line = format!(
+                "sprint_sidecar_upstream_attempt_duration_seconds_count{{outcome=\"{outcome}\"}} {count}"
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
         assert!(text.contains("sprint_sidecar_upstream_breaker_state{slot=\"1\"} 2"));
         assert!(text.contains("sprint_sidecar_build_info{version="));
         assert!(text.ends_with("# EOF\n"));

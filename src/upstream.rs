@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{AttemptOutcome, Metrics};
 use connection::{AttemptBody, BoxError, ResponseBody};
 use pool::{Outcome, Pool};
 use retry::{RetryBudget, Verdict};
@@ -393,17 +393,24 @@ impl Upstream {
                 } else {
                     Outcome::Success
                 };
-                self.metrics.attempt(!failed, elapsed);
+                self.metrics.attempt(
+                    if failed {
+                        AttemptOutcome::Failure
+                    } else {
+                        AttemptOutcome::Success
+                    },
+                    elapsed,
+                );
                 self.pool.finish(checkout, outcome, Some(elapsed));
                 Ok(resp)
             }
             Ok(Err(e)) => {
-                self.metrics.attempt(false, elapsed);
-                let outcome = if e.is_refused() {
-                    Outcome::Refused
+                let (outcome, label) = if e.is_refused() {
+                    (Outcome::Refused, AttemptOutcome::Refused)
                 } else {
-                    Outcome::Failure
+                    (Outcome::Failure, AttemptOutcome::Failure)
                 };
+                self.metrics.attempt(label, elapsed);
                 self.pool.finish(checkout, outcome, None);
                 Err((e, Some(slot)))
             }
@@ -422,7 +429,7 @@ impl Upstream {
                 ))
             }
             Err(_) => {
-                self.metrics.attempt(false, elapsed);
+                self.metrics.attempt(AttemptOutcome::Failure, elapsed);
                 self.pool.finish(checkout, Outcome::Failure, Some(elapsed));
                 let e = if attempt_deadline >= deadline {
                     UpstreamError::deadline(format!(

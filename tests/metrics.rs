@@ -574,7 +574,7 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
         );
         if let Some(label) = labels {
             let outcomes = label_values(histogram, &format!("{name}_count"), label);
-            assert_eq!(outcomes, set(&["success", "failure"]), "{name}");
+            assert_eq!(outcomes, set(&["success", "failure", "refused"]), "{name}");
         }
     }
 

@@ -257,6 +257,18 @@ async fn breaker_openings(sidecar: &Sidecar) -> f64 {
     total
 }
 
+/// Attempts that failed, and attempts the relay refused as it rotated a connection (retried):
+/// a rotation must show only in the second.
+async fn failed_and_refused_attempts(sidecar: &Sidecar) -> (f64, f64) {
+    let count = |outcome: &str| {
+        format!("sprint_sidecar_upstream_attempt_duration_seconds_count{{outcome=\"{outcome}\"}}")
+    };
+    (
+        metric(sidecar, &count("failure")).await,
+        metric(sidecar, &count("refused")).await,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
     let pki = Pki::new();
@@ -283,6 +295,17 @@ async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
         "a GOAWAY is not a relay failure:\n{}",
         sidecar.logs().join("\n")
     );
+    let (failed, refused) = failed_and_refused_attempts(&sidecar).await;
+    let retried = metric(
+        &sidecar,
+        "sprint_sidecar_upstream_retries_total{reason=\"refused\"}",
+    )
+    .await;
+    assert_eq!(
+        failed, 0.0,
+        "no attempt counts as failed (refused: {refused})"
+    );
+    assert_eq!(refused, retried, "each refused attempt was retried");
     let ready = sidecar
         .client()
         .get(sidecar.admin_url("/ready"))
@@ -308,4 +331,9 @@ async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     );
     assert_eq!(exact, total);
     assert_eq!(breaker_openings(&sidecar).await, 0.0);
+    let (failed, refused) = failed_and_refused_attempts(&sidecar).await;
+    assert_eq!(
+        failed, 0.0,
+        "no attempt counts as failed (refused: {refused})"
+    );
 }
