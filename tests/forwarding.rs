@@ -745,8 +745,15 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
         sidecar.set("listener", "max_header_bytes", "16384")
     })
     .await;
-    let cases: [(&str, Vec<u8>, u16, &str); 4] = [
+    let cases: [(&str, Vec<u8>, u16, &str); 5] = [
         ("garbage", b"GARBAGE\r\n\r\n".to_vec(), 400, "bad_request"),
+        (
+            // starts like the HTTP/2 preface but is not one: hyper reads it as HTTP/1.1
+            "a broken HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
         (
             "a space in a header name",
             b"GET /bad HTTP/1.1\r\nHost: app.example\r\nBad Header: x\r\n\r\n".to_vec(),

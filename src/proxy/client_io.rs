@@ -340,7 +340,7 @@ impl ClientIo {
         }
         if self.first_read {
             self.first_read = false;
-            self.h2 = bytes.starts_with(b"PRI * HTTP/2");
+            self.h2 = is_h2_preface(bytes);
         }
         if self.phase() == Phase::Idle {
             // The first bytes of a new request head: its clock starts.
@@ -456,6 +456,15 @@ impl Drop for ClientIo {
             *slot = self.inner.take();
         }
     }
+}
+
+/// Whether a connection's first bytes are the HTTP/2 client preface (prior knowledge): they
+/// must match it as far as they go, at least through `PRI * HTTP/2`. Bytes that only start
+/// like it are an HTTP/1.1 request to hyper, which answers them with its own 400.
+fn is_h2_preface(first: &[u8]) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let n = first.len().min(PREFACE.len());
+    n >= b"PRI * HTTP/2".len() && first[..n] == PREFACE[..n]
 }
 
 /// Finishes a connection: when it ended because a request head missed the header clock,
@@ -607,6 +616,24 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn only_the_real_preface_marks_an_h2_connection() {
+        assert!(is_h2_preface(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"
+        ));
+        assert!(
+            is_h2_preface(b"PRI * HTTP/2.0\r\n"),
+            "a preface split over reads"
+        );
+        assert!(!is_h2_preface(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"));
+        assert!(!is_h2_preface(b"PRI * HTTP/1.1\r\n\r\n"));
+        assert!(!is_h2_preface(b"POST / HTTP/1.1\r\n"));
+        assert!(
+            !is_h2_preface(b"PRI"),
+            "too short to tell: HTTP/1.1 rules apply"
+        );
     }
 
     #[test]
