@@ -89,6 +89,10 @@ pub struct UpstreamConfig {
     pub allow_insecure_permissions: bool,
     /// TLS session resumption through the bounded ticket store.
     pub session_resumption: bool,
+    /// The largest request header field (name + value) sent to the relay; larger: 431.
+    pub max_header_field_bytes: usize,
+    /// The largest request header list (all fields, path and method) sent to the relay.
+    pub max_header_list_bytes: usize,
 }
 
 impl UpstreamConfig {
@@ -279,6 +283,8 @@ struct RawUpstream {
     auth_token_env: String,
     allow_insecure_permissions: bool,
     session_resumption: bool,
+    max_header_field_bytes: i64,
+    max_header_list_bytes: i64,
 }
 
 impl Default for RawUpstream {
@@ -295,6 +301,8 @@ impl Default for RawUpstream {
             auth_token_env: String::new(),
             allow_insecure_permissions: false,
             session_resumption: true,
+            max_header_field_bytes: 8192,
+            max_header_list_bytes: 32768,
         }
     }
 }
@@ -912,6 +920,16 @@ impl RawConfig {
             auth_token_env,
             allow_insecure_permissions: u.allow_insecure_permissions,
             session_resumption: u.session_resumption,
+            max_header_field_bytes: c.positive(
+                "upstream.max_header_field_bytes",
+                u.max_header_field_bytes,
+                16 << 20,
+            ),
+            max_header_list_bytes: c.positive(
+                "upstream.max_header_list_bytes",
+                u.max_header_list_bytes,
+                16 << 20,
+            ),
         };
         let p = &self.pool;
         let pool = PoolConfig {

@@ -238,15 +238,22 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             "CONNECT is not supported: send plain HTTP requests to the sidecar",
         ));
     }
-    let head_bytes = head_size(&req);
-    if head_bytes > cfg.listener.max_header_bytes {
+    let sizes = HeadSizes::of(&req);
+    if sizes.head > cfg.listener.max_header_bytes {
         return local(json_error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",
             &format!(
-                "request head of {head_bytes} bytes exceeds listener.max_header_bytes ({})",
-                cfg.listener.max_header_bytes
+                "request head of {} bytes exceeds listener.max_header_bytes ({})",
+                sizes.head, cfg.listener.max_header_bytes
             ),
+        ));
+    }
+    if let Some(detail) = sizes.over_relay_limits(&req, &cfg.upstream) {
+        return local(json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &detail,
         ));
     }
     let limit = cfg.listener.max_body_bytes;
@@ -393,17 +400,71 @@ pub fn error_response(e: &UpstreamError) -> Response<ProxyBody> {
 }
 
 /// Bytes of the request line and headers as sent on the wire (HTTP/1.1 framing).
-fn head_size<B>(req: &Request<B>) -> usize {
-    let uri = req.uri();
-    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.scheme_str().map_or(0, |s| s.len() + 3);
-    let line = req.method().as_str().len() + target + 12;
-    req.headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + line
+/// Sizes of a request head, measured in one pass over its header fields.
+struct HeadSizes {
+    /// The head as HTTP/1.1 bytes (request line, fields, line ends), for `max_header_bytes`.
+    head: usize,
+    /// The largest field (name + value) and its index in the header map's iteration.
+    largest_field: (usize, usize),
+    /// All fields (name + value) plus method and target: what the relay's header list holds.
+    list: usize,
+}
+
+impl HeadSizes {
+    fn of<B>(req: &Request<B>) -> Self {
+        let uri = req.uri();
+        let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.scheme_str().map_or(0, |s| s.len() + 3);
+        let method = req.method().as_str().len();
+        let mut fields = 0;
+        let mut count = 0;
+        let mut largest_field = (0, 0);
+        for (i, (name, value)) in req.headers().iter().enumerate() {
+            let field = name.as_str().len() + value.len();
+            fields += field;
+            count += 1;
+            if field > largest_field.0 {
+                largest_field = (field, i);
+            }
+        }
+        HeadSizes {
+            head: method + target + 12 + fields + 4 * count,
+            largest_field,
+            list: method + target + fields,
+        }
+    }
+
+    /// Why the relay would refuse this head (`upstream.max_header_field_bytes`,
+    /// `max_header_list_bytes`), if it would. A relay that refuses a head may close the whole
+    /// connection with it (nginx: GOAWAY `ENHANCE_YOUR_CALM`), failing every request in flight
+    /// there, so such a head is answered here and never sent. Names the field, never its value.
+    fn over_relay_limits<B>(
+        &self,
+        req: &Request<B>,
+        upstream: &crate::config::UpstreamConfig,
+    ) -> Option<String> {
+        let (field, index) = self.largest_field;
+        if field > upstream.max_header_field_bytes {
+            let name = req
+                .headers()
+                .iter()
+                .nth(index)
+                .map_or("?", |(name, _)| name.as_str());
+            return Some(format!(
+                "request header field {name:?} of {field} bytes exceeds \
+                 upstream.max_header_field_bytes ({}); relays refuse such fields",
+                upstream.max_header_field_bytes
+            ));
+        }
+        (self.list > upstream.max_header_list_bytes).then(|| {
+            format!(
+                "request header fields of {} bytes in all exceed upstream.max_header_list_bytes \
+                 ({}); relays refuse such heads",
+                self.list, upstream.max_header_list_bytes
+            )
+        })
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {

@@ -738,6 +738,77 @@ async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
     );
 }
 
+/// Header fields a relay would refuse (nginx: over 8 KiB, or 32 KiB in all) get 431 from the
+/// sidecar and never reach the relay, where one such head could close a connection that other
+/// requests share. The limits are configuration, for relays that accept more.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_fields_a_relay_would_refuse_get_431_and_never_reach_it() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let client = support::client();
+    let send = |path: &'static str, fields: Vec<(String, String)>| {
+        let mut request = client.get(sidecar.data_url(path));
+        for (name, value) in fields {
+            request = request.header(name, value);
+        }
+        async move {
+            let answer = request.send().await.expect("the sidecar answers");
+            let status = answer.status().as_u16();
+            (status, answer.bytes().await.expect("a whole answer"))
+        }
+    };
+    let secret = "s3cr3t-".repeat(1500);
+    let (status, body) = send("/big", vec![("x-big".into(), secret.clone())]).await;
+    assert_eq!(status, 431, "{}", String::from_utf8_lossy(&body));
+    let (error, detail) = assert_json_error(431, &body);
+    assert_eq!(error, "headers_too_large");
+    assert!(
+        detail.contains("\"x-big\"") && detail.contains("upstream.max_header_field_bytes (8192)"),
+        "{detail}"
+    );
+    assert!(
+        !detail.contains("s3cr3t"),
+        "the value is never echoed: {detail}"
+    );
+
+    let many: Vec<_> = (0..5)
+        .map(|i| (format!("x-part-{i}"), "p".repeat(7000)))
+        .collect();
+    let (status, body) = send("/many", many).await;
+    assert_eq!(status, 431, "{}", String::from_utf8_lossy(&body));
+    let (_, detail) = assert_json_error(431, &body);
+    assert!(
+        detail.contains("upstream.max_header_list_bytes (32768)"),
+        "{detail}"
+    );
+    assert_eq!(relay.count_path("/big") + relay.count_path("/many"), 0);
+
+    let (status, _) = send("/fits", vec![("x-big".into(), "f".repeat(8000))]).await;
+    assert_eq!(status, 200, "a field under the limit goes through");
+    assert_eq!(relay.count_path("/fits"), 1);
+
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .set("upstream", "max_header_field_bytes", "65536")
+            .set("upstream", "max_header_list_bytes", "65536")
+    })
+    .await;
+    let answer = client
+        .get(sidecar.data_url("/raised"))
+        .header("x-big", "r".repeat(12_000))
+        .send()
+        .await
+        .expect("the sidecar answers");
+    let status = answer.status();
+    let body = answer.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    let seen = relay.requests();
+    let raised = seen
+        .iter()
+        .find(|record| record.path == "/raised")
+        .expect("the relay saw /raised");
+    assert_eq!(raised.header("x-big").map(str::len), Some(12_000));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_hyper_cannot_parse_get_json_errors() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

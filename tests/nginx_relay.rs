@@ -315,6 +315,46 @@ async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
     assert_eq!(ready.status(), 200);
 }
 
+/// One client's oversized header field costs nobody else anything: nginx answers such a field
+/// over HTTP/2 by closing the whole connection (GOAWAY ENHANCE_YOUR_CALM), which used to fail
+/// the requests in flight on it and, repeated, open every breaker. The sidecar answers 431.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_header_field_costs_other_clients_nothing() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 1000);
+    let sidecar = sidecar_for(&relay, &pki, 2).await;
+    let total = 1500;
+    let traffic = load(&sidecar, total, 32);
+    let oversized = async {
+        let mut statuses = Vec::new();
+        for _ in 0..10 {
+            let answer = sidecar
+                .client()
+                .post(sidecar.data_url("/"))
+                .header("x-big", "v".repeat(20_000))
+                .body("{}")
+                .send()
+                .await
+                .expect("the sidecar answers");
+            statuses.push(answer.status().as_u16());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        statuses
+    };
+    let ((statuses, exact), oversized) = tokio::join!(traffic, oversized);
+    assert_eq!(oversized, vec![431; 10]);
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0),
+        total,
+        "{statuses:?}\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert_eq!(exact, total);
+    assert_eq!(breaker_openings(&sidecar).await, 0.0);
+    let (failed, _) = failed_and_refused_attempts(&sidecar).await;
+    assert_eq!(failed, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     let pki = Pki::new();
