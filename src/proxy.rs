@@ -249,12 +249,8 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             ),
         ));
     }
-    if let Some(detail) = sizes.over_relay_limits(&req, &cfg.upstream) {
-        return local(json_error(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            &detail,
-        ));
+    if let Some((status, error, detail)) = sizes.over_relay_limits(&req, &cfg.upstream) {
+        return local(json_error(status, error, &detail));
     }
     let limit = cfg.listener.max_body_bytes;
     let declared = match content_length(req.headers()) {
@@ -404,8 +400,9 @@ pub fn error_response(e: &UpstreamError) -> Response<ProxyBody> {
 struct HeadSizes {
     /// The head as HTTP/1.1 bytes (request line, fields, line ends), for `max_header_bytes`.
     head: usize,
-    /// The largest field (name + value) and its index in the header map's iteration.
-    largest_field: (usize, usize),
+    /// The largest field (name + value) and its index in the header map's iteration, `None`
+    /// for the request target (HTTP/2 sends it as the `:path` field, which relays limit too).
+    largest_field: (usize, Option<usize>),
     /// All fields (name + value) plus method and target: what the relay's header list holds.
     list: usize,
 }
@@ -419,13 +416,13 @@ impl HeadSizes {
         let method = req.method().as_str().len();
         let mut fields = 0;
         let mut count = 0;
-        let mut largest_field = (0, 0);
+        let mut largest_field = (":path".len() + target, None);
         for (i, (name, value)) in req.headers().iter().enumerate() {
             let field = name.as_str().len() + value.len();
             fields += field;
             count += 1;
             if field > largest_field.0 {
-                largest_field = (field, i);
+                largest_field = (field, Some(i));
             }
         }
         HeadSizes {
@@ -443,25 +440,42 @@ impl HeadSizes {
         &self,
         req: &Request<B>,
         upstream: &crate::config::UpstreamConfig,
-    ) -> Option<String> {
+    ) -> Option<(StatusCode, &'static str, String)> {
         let (field, index) = self.largest_field;
         if field > upstream.max_header_field_bytes {
-            let name = req
-                .headers()
-                .iter()
-                .nth(index)
-                .map_or("?", |(name, _)| name.as_str());
-            return Some(format!(
-                "request header field {name:?} of {field} bytes exceeds \
-                 upstream.max_header_field_bytes ({}); relays refuse such fields",
-                upstream.max_header_field_bytes
-            ));
+            let limit = upstream.max_header_field_bytes;
+            return Some(match index {
+                Some(i) => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers_too_large",
+                    format!(
+                        "request header field {:?} of {field} bytes exceeds \
+                         upstream.max_header_field_bytes ({limit}); relays refuse such fields",
+                        req.headers()
+                            .iter()
+                            .nth(i)
+                            .map_or("?", |(name, _)| name.as_str())
+                    ),
+                ),
+                None => (
+                    StatusCode::URI_TOO_LONG,
+                    "uri_too_long",
+                    format!(
+                        "the request target (the HTTP/2 :path field) of {field} bytes exceeds \
+                         upstream.max_header_field_bytes ({limit}); relays refuse such fields"
+                    ),
+                ),
+            });
         }
         (self.list > upstream.max_header_list_bytes).then(|| {
-            format!(
-                "request header fields of {} bytes in all exceed upstream.max_header_list_bytes \
-                 ({}); relays refuse such heads",
-                self.list, upstream.max_header_list_bytes
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!(
+                    "request header fields of {} bytes in all exceed \
+                     upstream.max_header_list_bytes ({}); relays refuse such heads",
+                    self.list, upstream.max_header_list_bytes
+                ),
             )
         })
     }

@@ -782,6 +782,17 @@ async fn header_fields_a_relay_would_refuse_get_431_and_never_reach_it() {
     );
     assert_eq!(relay.count_path("/big") + relay.count_path("/many"), 0);
 
+    let long_path: &'static str = format!("/{}", "t".repeat(9000)).leak();
+    let (status, body) = send(long_path, vec![]).await;
+    assert_eq!(status, 414, "{}", String::from_utf8_lossy(&body));
+    let (error, detail) = assert_json_error(414, &body);
+    assert_eq!(error, "uri_too_long");
+    assert!(
+        detail.contains("request target") && detail.contains("max_header_field_bytes (8192)"),
+        "{detail}"
+    );
+    assert_eq!(relay.count_path(long_path), 0);
+
     let (status, _) = send("/fits", vec![("x-big".into(), "f".repeat(8000))]).await;
     assert_eq!(status, 200, "a field under the limit goes through");
     assert_eq!(relay.count_path("/fits"), 1);
