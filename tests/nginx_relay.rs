@@ -355,6 +355,41 @@ async fn an_oversized_header_field_costs_other_clients_nothing() {
     assert_eq!(failed, 0.0);
 }
 
+/// A chunked request body with trailers costs no relay connection: nginx, having answered
+/// and reset the stream early, would take a trailer HEADERS frame as a protocol error of the
+/// whole connection (GOAWAY PROTOCOL_ERROR). The sidecar ends such bodies without them.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_trailers_cost_no_relay_connection() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 100_000);
+    let sidecar = sidecar_for(&relay, &pki, 1).await;
+    for _ in 0..3 {
+        let answer = support::raw_exchange(
+            sidecar.data_addr(),
+            b"POST /rpc HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
+              Trailer: x-checksum\r\nConnection: close\r\n\r\n\
+              2\r\n{}\r\n0\r\nx-checksum: 99\r\n\r\n",
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let (statuses, exact) = load(&sidecar, 50, 8).await;
+    assert_eq!(statuses.get(&200).copied(), Some(50), "{statuses:?}");
+    assert_eq!(exact, 50);
+    assert_eq!(
+        metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await,
+        0.0,
+        "the one relay connection stayed up:\n{}",
+        sidecar.logs().join("\n")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     let pki = Pki::new();

@@ -508,8 +508,12 @@ async fn pump_body(
             }
             Err(f) => f,
         };
-        if let Ok(trailers) = frame.into_trailers() {
-            let _ = stream.send_trailers(trailers);
+        if frame.is_trailers() {
+            // Request trailers end here: the body ends without them. A relay that has already
+            // answered and reset the stream takes a trailer HEADERS frame as a protocol error
+            // of the whole connection (nginx: GOAWAY PROTOCOL_ERROR), failing every request
+            // in flight on it. nginx as a proxy does not forward request trailers either.
+            let _ = stream.send_data(Bytes::new(), true);
             return;
         }
     }
