@@ -390,6 +390,38 @@ async fn request_trailers_cost_no_relay_connection() {
     );
 }
 
+/// More requests than the pool has streams, through a relay that rotates connections every 50
+/// requests: most requests wait for a stream, and every one is served. Each finished request
+/// wakes one waiter and each new connection as many as it has streams, so no wake-up is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_requests_are_all_served_across_rotations() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 50);
+    let sidecar = Sidecar::builder()
+        .endpoint(&relay.endpoint())
+        .server_name(support::pki::RELAY_SERVER_NAME)
+        .ca_file(pki.ca_file())
+        .pool_size(2)
+        .set("pool", "max_streams_per_connection", "4")
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    let total = 1200;
+    let (statuses, exact) = load(&sidecar, total, 64).await;
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0),
+        total,
+        "{statuses:?}\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert_eq!(exact, total);
+    let reconnects = metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await;
+    assert!(
+        reconnects >= 10.0,
+        "the relay rotated connections ({reconnects})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     let pki = Pki::new();

@@ -605,12 +605,18 @@ impl Pool {
     }
 
     fn install(&self, slot: &Slot, conn: Arc<Connection>) {
+        let capacity = conn.available();
         let old = slot.current.lock().ok().and_then(|mut c| c.replace(conn));
         if let Some(old) = old {
             old.start_draining();
         }
         slot.set_state(SlotState::Connected);
-        self.changed.notify_waiters();
+        // Wake as many waiting requests as the new connection can take; each request that
+        // finishes wakes one more. Waking every waiter here made each rotation (nginx: one per
+        // 1000 requests per connection) cost work in proportion to the whole queue.
+        for _ in 0..capacity {
+            self.changed.notify_one();
+        }
     }
 }
 
