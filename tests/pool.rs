@@ -394,3 +394,50 @@ async fn relay_that_accepts_then_closes_is_redialed_with_backoff_not_a_hot_loop(
         .await;
     assert!(traffic(&sidecar, "/healed", 10, 2).await.is_empty());
 }
+
+/// Clients that stop reading large answers must not stall everyone else on their relay
+/// connection: each holds at most its stream's receive window, and the connection's window
+/// has room for all of them. Before, six such clients (8 MiB answers) held a 4 MiB connection
+/// window whole and every other answer on the connection waited until their bodies were cut
+/// off after `pool.request_timeout` (15 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_stop_reading_do_not_stall_other_answers() {
+    use tokio::io::AsyncWriteExt;
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar.pool_size(1)).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("a small receive buffer");
+        let mut stream = socket
+            .connect(sidecar.data_addr())
+            .await
+            .expect("the data listener accepts");
+        stream
+            .write_all(b"GET /bytes/8388608 HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .expect("the request is sent");
+        stalled.push(stream); // never read
+    }
+    // Let the relay fill whatever windows the sidecar offers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("a client");
+    for _ in 0..3 {
+        let answer = client
+            .get(sidecar.data_url("/bytes/65536"))
+            .send()
+            .await
+            .expect("headers arrive while other clients stall");
+        assert_eq!(answer.status(), 200);
+        let body = answer
+            .bytes()
+            .await
+            .expect("the whole body arrives while other clients stall (no 15 s wait)");
+        assert_eq!(body.len(), 65536);
+    }
+    drop(stalled);
+}

@@ -737,6 +737,21 @@ impl Body for ResponseBody {
     }
 }
 
+/// HTTP/2 receive window of each stream: how much of a response the relay may send ahead of
+/// the client reading it.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// HTTP/2 receive window of a connection: room for every stream's window at once. The h2
+/// crate gives connection window back only as a stream's data is read, so a connection window
+/// smaller than that let a few clients that stop reading large answers (six of 8 MiB, against
+/// 4 MiB) hold it whole: every other answer on the connection then stalled until their bodies
+/// were cut off after `pool.request_timeout`. What stalled clients can make the sidecar buffer
+/// stays bounded by this window (25 MiB at the default 100 streams).
+fn connection_window(max_streams: usize) -> u32 {
+    let streams = u32::try_from(max_streams).unwrap_or(u32::MAX);
+    STREAM_WINDOW.saturating_mul(streams).min(i32::MAX as u32)
+}
+
 /// Opens one connection: TCP (connect timeout) → TLS (handshake timeout, verification on,
 /// ALPN) → HTTP/2 or HTTP/1.1 handshake. Spawns the connection driver and, for h2, the
 /// PING task.
@@ -793,8 +808,8 @@ pub async fn dial(
     match protocol {
         Protocol::H2 => {
             let (sender, mut connection) = h2::client::Builder::new()
-                .initial_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20)
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(connection_window(max_streams))
                 .max_frame_size(64 * 1024)
                 .handshake::<_, Bytes>(Coalesce::new(stream))
                 .await
