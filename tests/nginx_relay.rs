@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Pki, Sidecar};
+use support::{Pki, Sidecar, SidecarBuilder};
 use tokio::task::JoinSet;
 
 const ANSWER: &str = r#"{"jsonrpc":"2.0","id":1,"result":"000000000000000000023ab1"}"#;
@@ -163,13 +163,22 @@ fn free_port() -> u16 {
 
 /// A sidecar in front of `relay` with the shipped breaker and retry settings.
 async fn sidecar_for(relay: &NginxRelay, pki: &Pki, pool_size: usize) -> Sidecar {
-    let sidecar = Sidecar::builder()
+    sidecar_configured(relay, pki, pool_size, |builder| builder).await
+}
+
+/// [`sidecar_for`] with more settings.
+async fn sidecar_configured(
+    relay: &NginxRelay,
+    pki: &Pki,
+    pool_size: usize,
+    configure: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
+) -> Sidecar {
+    let builder = Sidecar::builder()
         .endpoint(&relay.endpoint())
         .server_name(support::pki::RELAY_SERVER_NAME)
         .ca_file(pki.ca_file())
-        .pool_size(pool_size)
-        .start()
-        .await;
+        .pool_size(pool_size);
+    let sidecar = configure(builder).start().await;
     sidecar.wait_ready().await;
     sidecar
 }
@@ -218,6 +227,26 @@ async fn load(
         }
     }
     (statuses, exact)
+}
+
+/// Every one of `total` requests was answered 200 with exactly nginx's answer (`what` says
+/// why that is expected; the sidecar's log is shown on failure).
+fn assert_all_answered(
+    sidecar: &Sidecar,
+    (statuses, exact): &(BTreeMap<u16, usize>, usize),
+    total: usize,
+    what: &str,
+) {
+    assert_eq!(
+        statuses.get(&200).copied().unwrap_or(0),
+        total,
+        "{what}: {statuses:?}\n{}",
+        sidecar.logs().join("\n")
+    );
+    assert_eq!(
+        *exact, total,
+        "{what}: every answer is nginx's, byte for byte"
+    );
 }
 
 /// The value of one sample line of the Prometheus text exposition (0 when absent).
@@ -275,15 +304,13 @@ async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
     let relay = NginxRelay::start(pki.clone(), true, 50);
     let sidecar = sidecar_for(&relay, &pki, 2).await;
     let total = 1500;
-    let (statuses, exact) = load(&sidecar, total, 32).await;
-    assert_eq!(
-        statuses.get(&200).copied().unwrap_or(0),
+    let answered = load(&sidecar, total, 32).await;
+    assert_all_answered(
+        &sidecar,
+        &answered,
         total,
-        "every request through a relay that sends GOAWAY every 50 requests is answered 200: \
-         {statuses:?}\n{}",
-        sidecar.logs().join("\n")
+        "every request through a relay that sends GOAWAY every 50 requests is answered 200",
     );
-    assert_eq!(exact, total, "every answer is nginx's, byte for byte");
     let reconnects = metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await;
     assert!(
         reconnects >= (total / 50 / 2) as f64,
@@ -341,15 +368,9 @@ async fn an_oversized_header_field_costs_other_clients_nothing() {
         }
         statuses
     };
-    let ((statuses, exact), oversized) = tokio::join!(traffic, oversized);
+    let (answered, oversized) = tokio::join!(traffic, oversized);
     assert_eq!(oversized, vec![431; 10]);
-    assert_eq!(
-        statuses.get(&200).copied().unwrap_or(0),
-        total,
-        "{statuses:?}\n{}",
-        sidecar.logs().join("\n")
-    );
-    assert_eq!(exact, total);
+    assert_all_answered(&sidecar, &answered, total, "the other clients");
     assert_eq!(breaker_openings(&sidecar).await, 0.0);
     let (failed, _) = failed_and_refused_attempts(&sidecar).await;
     assert_eq!(failed, 0.0);
@@ -379,9 +400,8 @@ async fn request_trailers_cost_no_relay_connection() {
             String::from_utf8_lossy(&answer)
         );
     }
-    let (statuses, exact) = load(&sidecar, 50, 8).await;
-    assert_eq!(statuses.get(&200).copied(), Some(50), "{statuses:?}");
-    assert_eq!(exact, 50);
+    let answered = load(&sidecar, 50, 8).await;
+    assert_all_answered(&sidecar, &answered, 50, "after the trailers");
     assert_eq!(
         metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await,
         0.0,
@@ -397,24 +417,13 @@ async fn request_trailers_cost_no_relay_connection() {
 async fn waiting_requests_are_all_served_across_rotations() {
     let pki = Pki::new();
     let relay = NginxRelay::start(pki.clone(), true, 50);
-    let sidecar = Sidecar::builder()
-        .endpoint(&relay.endpoint())
-        .server_name(support::pki::RELAY_SERVER_NAME)
-        .ca_file(pki.ca_file())
-        .pool_size(2)
-        .set("pool", "max_streams_per_connection", "4")
-        .start()
-        .await;
-    sidecar.wait_ready().await;
+    let sidecar = sidecar_configured(&relay, &pki, 2, |builder| {
+        builder.set("pool", "max_streams_per_connection", "4")
+    })
+    .await;
     let total = 1200;
-    let (statuses, exact) = load(&sidecar, total, 64).await;
-    assert_eq!(
-        statuses.get(&200).copied().unwrap_or(0),
-        total,
-        "{statuses:?}\n{}",
-        sidecar.logs().join("\n")
-    );
-    assert_eq!(exact, total);
+    let answered = load(&sidecar, total, 64).await;
+    assert_all_answered(&sidecar, &answered, total, "waiting requests");
     let reconnects = metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await;
     assert!(
         reconnects >= 10.0,
@@ -428,15 +437,14 @@ async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     let relay = NginxRelay::start(pki.clone(), false, 10);
     let sidecar = sidecar_for(&relay, &pki, 4).await;
     let total = 600;
-    let (statuses, exact) = load(&sidecar, total, 16).await;
-    assert_eq!(
-        statuses.get(&200).copied().unwrap_or(0),
+    let answered = load(&sidecar, total, 16).await;
+    assert_all_answered(
+        &sidecar,
+        &answered,
         total,
         "every request through an HTTP/1.1 relay that closes each connection after 10 \
-         requests is answered 200: {statuses:?}\n{}",
-        sidecar.logs().join("\n")
+         requests is answered 200",
     );
-    assert_eq!(exact, total);
     assert_eq!(breaker_openings(&sidecar).await, 0.0);
     let (failed, refused) = failed_and_refused_attempts(&sidecar).await;
     assert_eq!(
