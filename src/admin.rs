@@ -396,6 +396,7 @@ fn metrics_response(
         secure_buffers: buffers,
         locked_bytes: locked,
         self_check_passed,
+        read_ahead_bytes: i64::try_from(state.pool.read_ahead_bytes()).unwrap_or(i64::MAX),
     };
     let openmetrics = state.metrics.encode(&values, pool_only);
     let accept = headers

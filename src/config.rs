@@ -93,6 +93,10 @@ pub struct UpstreamConfig {
     pub max_header_field_bytes: usize,
     /// The largest request header list (all fields, path and method) sent to the relay.
     pub max_header_list_bytes: usize,
+    /// How much of one HTTP/1.1 answer is read ahead of a slow client (0: none).
+    pub http1_read_ahead_bytes: usize,
+    /// How much all HTTP/1.1 answers together may hold read ahead (0: none).
+    pub http1_read_ahead_total_bytes: usize,
 }
 
 impl UpstreamConfig {
@@ -285,6 +289,8 @@ struct RawUpstream {
     session_resumption: bool,
     max_header_field_bytes: i64,
     max_header_list_bytes: i64,
+    http1_read_ahead_bytes: i64,
+    http1_read_ahead_total_bytes: i64,
 }
 
 impl Default for RawUpstream {
@@ -303,6 +309,8 @@ impl Default for RawUpstream {
             session_resumption: true,
             max_header_field_bytes: 8192,
             max_header_list_bytes: 32768,
+            http1_read_ahead_bytes: 8 << 20,
+            http1_read_ahead_total_bytes: 32 << 20,
         }
     }
 }
@@ -759,6 +767,17 @@ impl Checker {
         }
     }
 
+    fn at_most(&mut self, key: &str, value: i64, max: i64) -> usize {
+        match usize::try_from(value) {
+            Ok(v) if value <= max => v,
+            _ => {
+                self.problems
+                    .push(format!("{key}: must be between 0 and {max}, got {value}"));
+                0
+            }
+        }
+    }
+
     fn ratio(&mut self, key: &str, value: f64, min: f64, max: f64) -> f64 {
         if !(value.is_finite() && value >= min && value <= max) {
             self.problems.push(format!(
@@ -929,6 +948,16 @@ impl RawConfig {
                 "upstream.max_header_list_bytes",
                 u.max_header_list_bytes,
                 16 << 20,
+            ),
+            http1_read_ahead_bytes: c.at_most(
+                "upstream.http1_read_ahead_bytes",
+                u.http1_read_ahead_bytes,
+                1 << 30,
+            ),
+            http1_read_ahead_total_bytes: c.at_most(
+                "upstream.http1_read_ahead_total_bytes",
+                u.http1_read_ahead_total_bytes,
+                1 << 32,
             ),
         };
         let p = &self.pool;
@@ -1149,6 +1178,30 @@ mod tests {
             assert!(msg.contains(key), "{key} missing in {msg}");
         }
         assert_eq!(err.problems().len(), 3);
+    }
+
+    #[test]
+    fn read_ahead_bounds_accept_zero_and_refuse_negatives() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert_eq!(c.upstream.http1_read_ahead_bytes, 8 << 20);
+        assert_eq!(c.upstream.http1_read_ahead_total_bytes, 32 << 20);
+        let off = "[upstream]\nhttp1_read_ahead_bytes = 0\nhttp1_read_ahead_total_bytes = 0\n";
+        let c = load_text(off, &[], &Overrides::default()).expect("0 turns reading ahead off");
+        assert_eq!(c.upstream.http1_read_ahead_bytes, 0);
+        let bad = "[upstream]\nhttp1_read_ahead_bytes = -1\nhttp1_read_ahead_total_bytes = 9999999999999\n";
+        let msg = load_text(bad, &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(
+                "upstream.http1_read_ahead_bytes: must be between 0 and 1073741824, got -1"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("upstream.http1_read_ahead_total_bytes: must be between 0 and"),
+            "{msg}"
+        );
     }
 
     #[test]

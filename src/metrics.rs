@@ -56,6 +56,7 @@ struct Inner {
     received_bytes: Counter,
     sent_bytes: Counter,
     upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
+    read_ahead: Gauge,
     secure_buffers: Gauge,
     locked_bytes: Gauge,
     self_check_passed: Gauge,
@@ -134,6 +135,8 @@ pub struct ScrapeValues {
     pub secure_buffers: i64,
     pub locked_bytes: i64,
     pub self_check_passed: Option<bool>,
+    /// Bytes of HTTP/1.1 answers read ahead and not yet taken by their clients.
+    pub read_ahead_bytes: i64,
 }
 
 impl Metrics {
@@ -286,6 +289,14 @@ impl Metrics {
             Unit::Seconds,
             upstream_latency_p95.clone(),
         );
+        let read_ahead = Gauge::default();
+        pool.register_with_unit(
+            "upstream_read_ahead",
+            "Bytes of HTTP/1.1 relay answers read ahead of slow clients and not yet taken by them \
+             (bounded by upstream.http1_read_ahead_total_bytes plus one piece per answer)",
+            Unit::Bytes,
+            read_ahead.clone(),
+        );
         // Every known label value starts at zero, so rates have a baseline from the first scrape.
         for reason in RETRY_REASONS {
             let _ = retries.get_or_create(&[("reason", reason)]);
@@ -333,6 +344,7 @@ impl Metrics {
                 received_bytes,
                 sent_bytes,
                 upstream_latency_p95,
+                read_ahead,
                 secure_buffers,
                 locked_bytes,
                 self_check_passed,
@@ -482,6 +494,7 @@ impl Metrics {
                 .get_or_create(&[("state", state)])
                 .set(*n);
         }
+        i.read_ahead.set(v.read_ahead_bytes);
         i.secure_buffers.set(v.secure_buffers);
         i.locked_bytes.set(v.locked_bytes);
         if let Some(ok) = v.self_check_passed {

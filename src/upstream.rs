@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod coalesce;
 pub mod connection;
 pub mod pool;
+pub mod read_ahead;
 pub mod retry;
 
 use std::fmt;

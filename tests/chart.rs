@@ -1081,7 +1081,11 @@ fn chart_values_cover_every_sidecar_toml_key() {
             section = rest.split(']').next().unwrap_or_default().trim().to_owned();
         } else if let Some((key, _)) = line.split_once('=') {
             let key = key.trim();
-            if !line.starts_with('#') && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            if !line.starts_with('#')
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 binary_keys.insert((section.clone(), key.to_owned()));
             }
         }

@@ -441,3 +441,100 @@ async fn clients_that_stop_reading_do_not_stall_other_answers() {
     }
     drop(stalled);
 }
+
+/// Over HTTP/1.1 a relay connection carries one answer at a time. Clients that stop reading
+/// large answers must not hold the pool's connections: the sidecar reads such answers ahead
+/// (within `upstream.http1_read_ahead_bytes`), frees the connection, and the clients still
+/// get every byte when they read on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_that_stop_reading_do_not_hold_the_pool() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LARGE: usize = 8 << 20;
+    let (relay, sidecar) = start(Proto::Http1, |sidecar| sidecar.pool_size(2)).await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("a small receive buffer");
+        let mut stream = socket
+            .connect(sidecar.data_addr())
+            .await
+            .expect("the data listener accepts");
+        stream
+            .write_all(format!("GET /bytes/{LARGE} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await
+            .expect("the request is sent");
+        stalled.push(stream); // not read until the end
+    }
+    // Let the relay send what it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("a client");
+    for _ in 0..3 {
+        let answer = client
+            .get(sidecar.data_url("/bytes/1000"))
+            .send()
+            .await
+            .expect("an answer while other clients stall (not after their 75 s write clock)");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.bytes().await.expect("the body").len(), 1000);
+    }
+    // What the stalled clients have not taken is held in the read-ahead budget.
+    let held = read_ahead_bytes(&sidecar).await;
+    assert!(
+        held >= LARGE as u64 && held <= 3 * LARGE as u64,
+        "three answers are read ahead, less what the sockets took (their send buffers grow \
+         to a few MiB on loopback): {held}"
+    );
+    // The stalled clients lose nothing: each reads its whole answer, byte for byte.
+    for mut stream in stalled {
+        let mut raw = Vec::with_capacity(LARGE + 1024);
+        let read = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut head = None;
+            loop {
+                let n = stream.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+                head = head.or_else(|| raw.windows(4).position(|w| w == b"\r\n\r\n"));
+                if head.is_some_and(|at| raw.len() - at - 4 >= LARGE) {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the stalled answer arrives once read");
+        assert_eq!(support::raw_status(&raw), Some(200));
+        let body = support::raw_body(&raw);
+        assert_eq!(body.len(), LARGE);
+        assert_eq!(support::pattern_mismatch(0, body), None);
+    }
+    assert_eq!(
+        relay.tls_accepted(),
+        2,
+        "the pool's two connections served everything"
+    );
+    assert_eq!(read_ahead_bytes(&sidecar).await, 0, "every byte was taken");
+}
+
+/// `sprint_sidecar_upstream_read_ahead_bytes` from `/metrics`.
+async fn read_ahead_bytes(sidecar: &Sidecar) -> u64 {
+    let text = sidecar
+        .client()
+        .get(sidecar.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("the metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix("sprint_sidecar_upstream_read_ahead_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no read-ahead gauge in:\n{text}"))
+}

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::UpstreamError;
 use super::coalesce::Coalesce;
+use super::read_ahead;
 use crate::config::{Config, Endpoint};
 use crate::latency::LatencyWindow;
 use crate::tls::{TlsSetup, describe_handshake_error};
@@ -97,6 +98,14 @@ pub struct ByteTotals {
     pub received: AtomicU64,
 }
 
+/// What every connection of one pool shares.
+#[derive(Debug, Clone)]
+pub struct PoolShared {
+    pub totals: Arc<ByteTotals>,
+    /// The read-ahead budget of HTTP/1.1 answers (see [`read_ahead`]).
+    pub read_ahead: Arc<read_ahead::Budget>,
+}
+
 /// A request body on its way over an HTTP/1.1 connection: counts each piece as hyper takes
 /// it to write (HTTP/2 counts where it hands pieces to the stream).
 struct SentBody {
@@ -170,6 +179,8 @@ pub struct Connection {
     freed: Arc<Notify>,
     /// Longest pause of a response body between two pieces (`pool.request_timeout`).
     body_idle_timeout: Duration,
+    /// The pool's read-ahead budget for HTTP/1.1 answers.
+    read_ahead: Arc<read_ahead::Budget>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -351,10 +362,18 @@ impl Connection {
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::new(Inner::Http1(body), guard),
-                ))
+                let body = if self.read_ahead.applies(&body.size_hint()) {
+                    let reader = read_ahead::start(
+                        body,
+                        self.read_ahead.clone(),
+                        self.body_idle_timeout,
+                        guard,
+                    );
+                    ResponseBody::detached(Inner::ReadAhead(reader))
+                } else {
+                    ResponseBody::new(Inner::Http1(body), guard)
+                };
+                Ok(Response::from_parts(parts, body))
             }
             Err(mut e) => {
                 let never_sent = e.take_message().is_some();
@@ -536,6 +555,17 @@ impl InFlight {
     }
 }
 
+impl read_ahead::Link for InFlight {
+    fn received(&self, n: usize) {
+        self.conn.count_received(n);
+    }
+
+    fn broken(&self) {
+        // hyper drops an HTTP/1.1 connection whose response was not read to the end.
+        self.conn.mark_closed();
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -551,6 +581,8 @@ impl Drop for InFlight {
 
 enum Inner {
     Http1(hyper::body::Incoming),
+    /// An HTTP/1.1 answer read ahead by its own task, which holds the request slot.
+    ReadAhead(read_ahead::Reader),
     H2 {
         recv: h2::RecvStream,
         data_done: bool,
@@ -582,7 +614,7 @@ pub struct ResponseBody {
 
 /// A relay that went quiet in the middle of a response body.
 #[derive(Debug)]
-pub struct BodyStalled(Duration);
+pub struct BodyStalled(pub(super) Duration);
 
 impl std::fmt::Display for BodyStalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -610,8 +642,13 @@ impl ResponseBody {
 
     /// An empty body that holds nothing (for synthesized answers).
     pub fn empty() -> Self {
+        Self::detached(Inner::Done)
+    }
+
+    /// A body that holds no request slot itself.
+    fn detached(inner: Inner) -> Self {
         ResponseBody {
-            inner: Inner::Done,
+            inner,
             guard: None,
             idle: None,
             progressed: false,
@@ -654,6 +691,7 @@ impl ResponseBody {
             Inner::Http1(body) => {
                 ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(BoxError::from))
             }
+            Inner::ReadAhead(body) => ready!(Pin::new(body).poll_frame(cx)),
             Inner::H2 { recv, data_done } => {
                 if !*data_done {
                     match ready!(recv.poll_data(cx)) {
@@ -724,6 +762,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Done => true,
             Inner::Http1(b) => b.is_end_stream(),
+            Inner::ReadAhead(b) => b.is_end_stream(),
             Inner::H2 { recv, .. } => recv.is_end_stream(),
         }
     }
@@ -731,6 +770,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Http1(b) => b.size_hint(),
+            Inner::ReadAhead(b) => b.size_hint(),
             Inner::Done => SizeHint::with_exact(0),
             Inner::H2 { .. } => SizeHint::default(),
         }
@@ -760,7 +800,7 @@ pub async fn dial(
     tls: &TlsSetup,
     generation: u64,
     freed: Arc<Notify>,
-    totals: Arc<ByteTotals>,
+    shared: &PoolShared,
 ) -> Result<Arc<Connection>, DialError> {
     let pool = &cfg.pool;
     let tcp = tokio::time::timeout(pool.connect_timeout, connect_tcp(&cfg.upstream.endpoint))
@@ -822,7 +862,7 @@ pub async fn dial(
                 max_streams,
                 freed,
                 pool.request_timeout,
-                totals,
+                shared,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -882,7 +922,7 @@ pub async fn dial(
                 1,
                 freed,
                 pool.request_timeout,
-                totals,
+                shared,
             ));
             let weak = Arc::downgrade(&conn);
             tokio::spawn(async move {
@@ -904,7 +944,7 @@ impl Connection {
         permits: usize,
         freed: Arc<Notify>,
         body_idle_timeout: Duration,
-        totals: Arc<ByteTotals>,
+        shared: &PoolShared,
     ) -> Self {
         let stats = ConnectionStats::default();
         stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
@@ -914,7 +954,7 @@ impl Connection {
             connected_instant: Instant::now(),
             generation,
             stats,
-            totals,
+            totals: shared.totals.clone(),
             latency: LatencyWindow::new(),
             sender,
             permits: Arc::new(Semaphore::new(permits)),
@@ -924,6 +964,7 @@ impl Connection {
             closed_notify: Notify::new(),
             freed,
             body_idle_timeout,
+            read_ahead: shared.read_ahead.clone(),
         }
     }
 }

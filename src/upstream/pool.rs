@@ -14,7 +14,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::UpstreamError;
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
-use super::connection::{ByteTotals, Connection, DialError, dial};
+use super::connection::{Connection, DialError, PoolShared, dial};
+use super::read_ahead;
 use crate::config::Config;
 use crate::latency::{Histogram, LatencyWindow};
 use crate::metrics::Metrics;
@@ -211,7 +212,8 @@ pub struct Pool {
     metrics: Metrics,
     origin: Instant,
     generation: AtomicU64,
-    totals: Arc<ByteTotals>,
+    /// Byte totals and the read-ahead budget, shared with every connection.
+    shared: PoolShared,
     /// Every attempt's latency, whichever connection carried it: the pool's percentiles over
     /// the whole window, also when the relay rotates connections far more often than that.
     latency: LatencyWindow,
@@ -228,6 +230,13 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     pub fn new(cfg: Arc<Config>, tls: TlsSetup, metrics: Metrics) -> Arc<Pool> {
         let now = Instant::now();
+        let shared = PoolShared {
+            totals: Arc::default(),
+            read_ahead: Arc::new(read_ahead::Budget::new(
+                cfg.upstream.http1_read_ahead_bytes,
+                cfg.upstream.http1_read_ahead_total_bytes,
+            )),
+        };
         let slots = (0..cfg.pool.size.get())
             .map(|i| Arc::new(Slot::new(i, Breaker::new(cfg.breaker.clone(), now))))
             .collect();
@@ -239,7 +248,7 @@ impl Pool {
             metrics,
             origin: now,
             generation: AtomicU64::new(0),
-            totals: Arc::default(),
+            shared,
             latency: LatencyWindow::new(),
         })
     }
@@ -563,9 +572,14 @@ impl Pool {
     /// connection it ever had.
     pub fn byte_totals(&self) -> (u64, u64) {
         (
-            self.totals.sent.load(Ordering::Relaxed),
-            self.totals.received.load(Ordering::Relaxed),
+            self.shared.totals.sent.load(Ordering::Relaxed),
+            self.shared.totals.received.load(Ordering::Relaxed),
         )
+    }
+
+    /// Bytes of HTTP/1.1 answers read ahead that their clients have not taken yet.
+    pub fn read_ahead_bytes(&self) -> usize {
+        self.shared.read_ahead.held()
     }
 
     /// Graceful close at shutdown: no new requests, in-flight ones finish (until
@@ -643,7 +657,7 @@ async fn supervise(
         }
         let generation = p.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let dialed = tokio::select! {
-            d = dial(&p.cfg, &p.tls, generation, p.changed.clone(), p.totals.clone()) => d,
+            d = dial(&p.cfg, &p.tls, generation, p.changed.clone(), &p.shared) => d,
             _ = shutdown.changed() => return,
         };
         let delay = match dialed {
