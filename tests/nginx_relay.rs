@@ -40,6 +40,9 @@ fn nginx_binary() -> PathBuf {
 }
 
 /// An nginx TLS relay answering every request with [`ANSWER`], stopped on drop.
+/// The size of the relay's `/large` answer (pattern bytes, see [`support::pattern`]).
+const LARGE: usize = 8 << 20;
+
 struct NginxRelay {
     child: Child,
     port: u16,
@@ -75,12 +78,15 @@ impl NginxRelay {
              keepalive_requests {keepalive_requests};\n  server {{\n    \
              listen 127.0.0.1:{port} ssl{h2};\n    ssl_certificate {cert};\n    \
              ssl_certificate_key {key};\n    location / {{ default_type application/json; \
-             return 200 '{ANSWER}'; }}\n  }}\n}}\n",
+             return 200 '{ANSWER}'; }}\n    location = /large {{ alias {d}/large.bin; }}\n  \
+             }}\n}}\n",
             user = if root { "user root;\n" } else { "" },
             h2 = if http2 { " http2" } else { "" },
             cert = cert.display(),
             key = key.display(),
         );
+        std::fs::write(dir.join("large.bin"), support::pattern(0, LARGE))
+            .expect("the large answer is written");
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("nginx.conf is written");
         let child = Command::new(nginx_binary())
@@ -450,5 +456,43 @@ async fn nginx_closing_kept_alive_http1_connections_costs_no_request() {
     assert_eq!(
         failed, 0.0,
         "no attempt counts as failed (refused: {refused})"
+    );
+}
+
+/// Over HTTP/1.1 a relay connection carries one answer at a time. Three clients that stop
+/// reading 8 MiB answers from nginx held a pool of two for their 75 s write clock (a small
+/// request waited 23 s); read ahead, their answers free the connections at once, and the
+/// clients still get every byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn http1_clients_that_stop_reading_do_not_hold_nginx_connections() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), false, 1000);
+    let sidecar = sidecar_for(&relay, &pki, 2).await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(support::stalled_get(sidecar.data_addr(), "/large").await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = 200;
+    let answered = tokio::time::timeout(Duration::from_secs(10), load(&sidecar, total, 8))
+        .await
+        .expect("requests are answered while three clients stall (not after 75 s)");
+    assert_all_answered(
+        &sidecar,
+        &answered,
+        total,
+        "every request is answered while three clients stall on large answers",
+    );
+    for stream in stalled {
+        let raw = support::read_stalled_answer(stream, LARGE).await;
+        assert_eq!(support::raw_status(&raw), Some(200));
+        let body = support::raw_body(&raw);
+        assert_eq!(body.len(), LARGE);
+        assert_eq!(support::pattern_mismatch(0, body), None);
+    }
+    assert_eq!(
+        metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await,
+        0.0,
+        "no relay connection was lost"
     );
 }

@@ -402,23 +402,11 @@ async fn relay_that_accepts_then_closes_is_redialed_with_backoff_not_a_hot_loop(
 /// off after `pool.request_timeout` (15 s).
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_that_stop_reading_do_not_stall_other_answers() {
-    use tokio::io::AsyncWriteExt;
     let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar.pool_size(1)).await;
     let mut stalled = Vec::new();
     for _ in 0..8 {
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("a small receive buffer");
-        let mut stream = socket
-            .connect(sidecar.data_addr())
-            .await
-            .expect("the data listener accepts");
-        stream
-            .write_all(b"GET /bytes/8388608 HTTP/1.1\r\nHost: app\r\n\r\n")
-            .await
-            .expect("the request is sent");
-        stalled.push(stream); // never read
+        // never read
+        stalled.push(support::stalled_get(sidecar.data_addr(), "/bytes/8388608").await);
     }
     // Let the relay fill whatever windows the sidecar offers.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -448,24 +436,12 @@ async fn clients_that_stop_reading_do_not_stall_other_answers() {
 /// get every byte when they read on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_clients_that_stop_reading_do_not_hold_the_pool() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LARGE: usize = 8 << 20;
     let (relay, sidecar) = start(Proto::Http1, |sidecar| sidecar.pool_size(2)).await;
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("a small receive buffer");
-        let mut stream = socket
-            .connect(sidecar.data_addr())
-            .await
-            .expect("the data listener accepts");
-        stream
-            .write_all(format!("GET /bytes/{LARGE} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
-            .await
-            .expect("the request is sent");
-        stalled.push(stream); // not read until the end
+        let path = format!("/bytes/{LARGE}");
+        stalled.push(support::stalled_get(sidecar.data_addr(), &path).await);
     }
     // Let the relay send what it can.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -490,25 +466,8 @@ async fn http1_clients_that_stop_reading_do_not_hold_the_pool() {
          to a few MiB on loopback): {held}"
     );
     // The stalled clients lose nothing: each reads its whole answer, byte for byte.
-    for mut stream in stalled {
-        let mut raw = Vec::with_capacity(LARGE + 1024);
-        let read = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut head = None;
-            loop {
-                let n = stream.read(&mut buf).await.expect("read");
-                if n == 0 {
-                    break;
-                }
-                raw.extend_from_slice(&buf[..n]);
-                head = head.or_else(|| raw.windows(4).position(|w| w == b"\r\n\r\n"));
-                if head.is_some_and(|at| raw.len() - at - 4 >= LARGE) {
-                    break;
-                }
-            }
-        })
-        .await;
-        assert!(read.is_ok(), "the stalled answer arrives once read");
+    for stream in stalled {
+        let raw = support::read_stalled_answer(stream, LARGE).await;
         assert_eq!(support::raw_status(&raw), Some(200));
         let body = support::raw_body(&raw);
         assert_eq!(body.len(), LARGE);

@@ -199,6 +199,49 @@ where
     Ok((parts, body))
 }
 
+/// A client that sends `GET path` over a socket with a 4 KiB receive buffer and then reads
+/// nothing until the test says so ([`read_stalled_answer`]).
+pub async fn stalled_get(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    let mut stream = socket
+        .connect(addr)
+        .await
+        .expect("the data listener accepts");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+        .await
+        .expect("the request is sent");
+    stream
+}
+
+/// Reads the answer of a [`stalled_get`] (head and a `body_len`-byte body) within 30 s.
+pub async fn read_stalled_answer(mut stream: tokio::net::TcpStream, body_len: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::with_capacity(body_len + 1024);
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut head = None;
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            head = head.or_else(|| raw.windows(4).position(|w| w == b"\r\n\r\n"));
+            if head.is_some_and(|at| raw.len() - at - 4 >= body_len) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stalled answer arrives once read");
+    raw
+}
+
 /// Writes `raw` bytes to `addr` and reads until the peer closes or `timeout` passes,
 /// returning what came back (for malformed requests that no HTTP client would send).
 pub async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8], timeout: Duration) -> Vec<u8> {
