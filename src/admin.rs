@@ -18,6 +18,7 @@
 
 pub mod documents;
 pub mod sampler;
+pub mod token;
 
 use std::convert::Infallible;
 use std::sync::Arc;

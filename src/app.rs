@@ -17,7 +17,6 @@ use crate::credential::TokenCredential;
 use crate::hardening::{self, HardeningState};
 use crate::metrics::Metrics;
 use crate::proxy::{self, DataPlane};
-use crate::secret::SecureBuffer;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::upstream::pool::Pool;
@@ -164,12 +163,9 @@ fn load_admin_token(cfg: &Config) -> Result<Option<TokenCheck>, AppError> {
     let Some(path) = &cfg.admin.token_file else {
         return Ok(None);
     };
-    let buffer = SecureBuffer::from_file(path, cfg.admin.allow_insecure_permissions)
+    let token = admin::token::AdminToken::load(path.clone(), cfg.admin.allow_insecure_permissions)
         .map_err(|e| AppError::config(format!("admin.token_file: {e}")))?;
-    let check: TokenCheck = Box::new(move |given: &[u8]| {
-        use subtle::ConstantTimeEq;
-        buffer.expose(|expected| expected.ct_eq(given).into())
-    });
+    let check: TokenCheck = Box::new(move |given: &[u8]| token.matches(given));
     Ok(Some(check))
 }
 
@@ -238,6 +234,7 @@ pub async fn run(
     let metrics = Metrics::new(cfg.pool.size.get());
     let data_stop = Shutdown::new();
     let background = Shutdown::new();
+    let tls_setup = tls.clone();
     let pool = Pool::new(cfg.clone(), tls, metrics.clone());
     pool.start(background.subscribe());
     let source = credential.clone().map(|c| c as Arc<dyn CredentialSource>);
@@ -251,6 +248,22 @@ pub async fn run(
                 }
             })
             .instrument(info_span!("token_reload")),
+        );
+    }
+    {
+        let p = Arc::downgrade(&pool);
+        tokio::spawn(
+            tls_setup
+                .watch_identity(
+                    crate::credential::RELOAD_INTERVAL,
+                    background.subscribe(),
+                    move || {
+                        if let Some(p) = p.upgrade() {
+                            p.rotate_all();
+                        }
+                    },
+                )
+                .instrument(info_span!("identity_reload")),
         );
     }
     let sampler = admin::sampler::Sampler::new(metrics.clone());

@@ -12,13 +12,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::secret::{self, SecretError, SecureBuffer};
+use crate::secret::{self, FileStamp, SecretError, SecureBuffer, file_stamp};
 use crate::upstream::CredentialSource;
 
 /// How often the token file is checked for changes.
@@ -28,15 +28,6 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// finish) when no request used it during one such period: sealed 250–500 ms after traffic
 /// stops.
 pub const SEAL_AFTER_IDLE: Duration = Duration::from_millis(250);
-
-/// Identity of a file version: (modified, length, inode).
-type FileStamp = (Option<SystemTime>, u64, u64);
-
-fn stamp(path: &PathBuf) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok(), m.len(), m.ino()))
-}
 
 /// The credential currently injected into upstream requests.
 pub struct TokenCredential {
@@ -74,7 +65,7 @@ impl TokenCredential {
     /// # Errors
     /// The file is missing, empty, too open or not a valid header value.
     pub fn from_file(path: PathBuf, allow_insecure_permissions: bool) -> Result<Self, SecretError> {
-        let before = stamp(&path);
+        let before = file_stamp(&path);
         let buffer = SecureBuffer::from_file(&path, allow_insecure_permissions)?;
         secret::header_value(&buffer)?;
         Ok(TokenCredential {
@@ -106,7 +97,7 @@ impl TokenCredential {
         let Some((path, allow)) = &self.file else {
             return false;
         };
-        let now = stamp(path);
+        let now = file_stamp(path);
         if now.is_none() || self.stamp.read().is_ok_and(|s| *s == now) {
             return false;
         }

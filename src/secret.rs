@@ -37,6 +37,17 @@ pub use buffer::{
 };
 pub use error::SecretError;
 
+/// Identity of one version of a file: (modified, length, inode). A changed stamp means the
+/// file was rewritten or replaced (Kubernetes swaps a Secret's files by renaming a symlink).
+pub type FileStamp = (Option<std::time::SystemTime>, u64, u64);
+
+/// The stamp of `path` now (following symlinks), or `None` when it cannot be read.
+pub fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), m.ino()))
+}
+
 /// Builds the per-request credential header from `secret`: the bytes are copied into a
 /// `HeaderValue` marked sensitive, so HTTP/2 never adds it to the HPACK table and `Debug`
 /// prints `Sensitive`. The copy is transient; the wiping allocator zeroes it when freed.

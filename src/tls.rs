@@ -35,6 +35,8 @@ pub struct TlsSetup {
     pub config: Arc<ClientConfig>,
     /// The bounded session-ticket store, when resumption is on.
     pub tickets: Option<Arc<tickets::TicketStore>>,
+    /// The mTLS identity, when one is configured (re-read when its files change).
+    pub identity: Option<Arc<identity::ClientIdentity>>,
 }
 
 impl fmt::Debug for TlsSetup {
@@ -92,18 +94,16 @@ pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetu
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError(format!("TLS provider: {e}")))?
         .with_root_certificates(roots);
-    let mut config = match (&cfg.client_cert_file, &cfg.client_key_file) {
-        (Some(cert), Some(key)) => {
-            let resolver = identity::load_client_identity(
-                cert,
-                key,
-                cfg.allow_insecure_permissions,
-                &provider(),
-            )
-            .map_err(|e| TlsSetupError(format!("upstream.client_key_file: {e}")))?;
-            builder.with_client_cert_resolver(resolver)
-        }
-        _ => builder.with_no_client_auth(),
+    let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => Some(
+            identity::load_client_identity(cert, key, cfg.allow_insecure_permissions, &provider())
+                .map_err(|e| TlsSetupError(format!("upstream.client_key_file: {e}")))?,
+        ),
+        _ => None,
+    };
+    let mut config = match &identity {
+        Some(resolver) => builder.with_client_cert_resolver(resolver.clone()),
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let tickets = if cfg.session_resumption {
@@ -126,7 +126,76 @@ pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetu
         server_name,
         config,
         tickets,
+        identity,
     })
+}
+
+impl TlsSetup {
+    /// The connector for one dial. With an mTLS identity and resumption on, the dial sees
+    /// the ticket store through its own generation ([`tickets::TicketStore::for_dial`]), so a
+    /// handshake made with an identity replaced meanwhile leaves no session to resume.
+    pub fn connector_for_dial(&self) -> tokio_rustls::TlsConnector {
+        match (&self.tickets, &self.identity) {
+            (Some(store), Some(_)) => {
+                let mut config = (*self.config).clone();
+                config.resumption = rustls::client::Resumption::store(store.for_dial());
+                tokio_rustls::TlsConnector::from(Arc::new(config))
+            }
+            _ => self.connector.clone(),
+        }
+    }
+
+    /// Until shutdown: checks the mTLS identity's files every `every` and calls `on_change`
+    /// after a new identity took over (the pool then replaces its connections gracefully).
+    /// Returns at once without an identity.
+    pub async fn watch_identity(
+        self,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        on_change: impl Fn() + Send + 'static,
+    ) {
+        if self.identity.is_none() {
+            return;
+        }
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    if self.reload_identity_if_changed() {
+                        on_change();
+                    }
+                }
+                _ = crate::shutdown::triggered(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Re-reads the mTLS identity when its files changed; true when a new one is in use.
+    /// Then the stored session tickets are dropped too: a resumed session carries the client
+    /// authentication of the handshake that made it, so resuming one would present the old
+    /// identity on a new connection. A pair that cannot be used is logged (naming the files,
+    /// never their content) and the previous one kept, so no handshake fails over it.
+    pub fn reload_identity_if_changed(&self) -> bool {
+        let Some(identity) = &self.identity else {
+            return false;
+        };
+        match identity.reload_if_changed() {
+            Ok(false) => false,
+            Ok(true) => {
+                if let Some(tickets) = &self.tickets {
+                    tickets.clear();
+                }
+                let (cert, key) = identity.files();
+                tracing::info!(cert = %cert.display(), key = %key.display(), "mTLS identity reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mTLS identity files changed but cannot be used; keeping the previous identity");
+                false
+            }
+        }
+    }
 }
 
 /// A short, human reason for a failed handshake: the certificate problem when there is one.

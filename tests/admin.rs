@@ -1494,3 +1494,61 @@ async fn status_command_exits_2_when_the_admin_url_is_unreachable() {
     let invalid = cli.run_args(&status_args("ftp://example", &[])).await;
     assert_eq!(invalid.code, Some(2), "{invalid:?}");
 }
+
+/// SPEC §7: a rotated `admin.token_file` takes effect without a restart, and the old token
+/// is refused from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_admin_token_replaces_the_old_one() {
+    let (first, second) = (random_token(), random_token());
+    let relay = Relay::builder().protocol(Proto::H2).start().await;
+    let builder = Sidecar::builder().relay(&relay).pool_size(1);
+    let token_file = builder.write_file("admin.token", format!("{first}\n").as_bytes(), 0o600);
+    let sidecar = builder
+        .set_str("admin", "token_file", &token_file.display().to_string())
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    async fn status_with(sidecar: &Sidecar, token: &str) -> u16 {
+        let bearer = format!("Bearer {token}");
+        admin_request(
+            sidecar,
+            "GET",
+            "/api/v1/status",
+            &[("authorization", &bearer)],
+        )
+        .await
+        .status
+    }
+    assert_eq!(status_with(&sidecar, &first).await, 200);
+    assert_eq!(status_with(&sidecar, &second).await, 401);
+    // Replaced the way Kubernetes and `mv` do: a new file renamed over the old one.
+    let staging = token_file.with_extension("staging");
+    support::pki::write_with_mode(&staging, format!("{second}\n").as_bytes(), 0o600);
+    std::fs::rename(&staging, &token_file).expect("rename");
+    support::eventually(
+        support::EVENTUALLY,
+        "the new admin token to be accepted",
+        || {
+            let sidecar = &sidecar;
+            let second = second.clone();
+            async move { (status_with(sidecar, &second).await == 200).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        status_with(&sidecar, &first).await,
+        401,
+        "the old token is refused"
+    );
+    assert!(
+        sidecar.logs_contain("admin token reloaded"),
+        "the reload is logged"
+    );
+    assert!(
+        !sidecar
+            .logs()
+            .iter()
+            .any(|l| l.contains(&first) || l.contains(&second)),
+        "no token in the logs"
+    );
+}

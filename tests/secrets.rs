@@ -1562,6 +1562,115 @@ async fn refused_client_authentication_keeps_readiness_false_and_backs_off() {
     );
 }
 
+/// Replaces a file atomically (write a new one, rename it over), as Kubernetes and `mv` do.
+fn replace_file(path: &Path, contents: &[u8], mode: u32) {
+    let staging = path.with_extension("staging");
+    write_with_mode(&staging, contents, mode);
+    fs::rename(&staging, path).expect("the new file can be renamed over the old one");
+}
+
+/// SPEC §7: the mTLS certificate and key are re-read when they change, without failing a
+/// request. A pair that lands one file at a time (the new certificate beside the old key)
+/// is refused with a warning and the old pair stays in use until the key follows; then the
+/// pool replaces its connections, which present the new certificate, and resumption cannot
+/// bring the old identity back (the session tickets are dropped with it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_client_identity_is_presented_without_failing_a_request() {
+    for protocol in [Proto::H2, Proto::Http1] {
+        let relay = Relay::builder()
+            .protocol(protocol)
+            .require_client_certificate(true)
+            .start()
+            .await;
+        let first = relay.pki().client_identity("first");
+        let second = relay.pki().client_identity("second");
+        let leaf = |identity: &support::pki::Identity| identity.chain()[0].as_ref().to_vec();
+        let builder = Sidecar::builder().relay(&relay).pool_size(2);
+        let cert = builder.write_file("client.crt", first.cert_pem.as_bytes(), 0o644);
+        let key = builder.write_file("client.key", first.key_pem.as_bytes(), 0o600);
+        let sidecar = builder
+            .set_str("upstream", "client_cert_file", &cert.display().to_string())
+            .set_str("upstream", "client_key_file", &key.display().to_string())
+            .start()
+            .await;
+        sidecar.wait_ready().await;
+        traffic(&sidecar, 20).await;
+        let presented = |relay: &Relay, open_only: bool| -> Vec<Option<Vec<u8>>> {
+            let open = relay.open_connection_ids();
+            relay
+                .connections()
+                .into_iter()
+                .filter(|c| c.tls_established && (!open_only || open.contains(&c.id)))
+                .map(|c| c.client_certificate_der)
+                .collect()
+        };
+        assert!(
+            presented(&relay, false)
+                .iter()
+                .all(|der| der.as_deref() == Some(&leaf(&first)[..])),
+            "{protocol:?}: the first identity is presented"
+        );
+
+        let rotation = async {
+            // The new certificate lands first: it does not match the old key.
+            replace_file(&cert, second.cert_pem.as_bytes(), 0o644);
+            support::eventually(
+                support::EVENTUALLY,
+                "a warning that the changed pair cannot be used",
+                || {
+                    let warned = sidecar.logs_contain("keeping the previous identity");
+                    async move { warned.then_some(()) }
+                },
+            )
+            .await;
+            assert!(
+                presented(&relay, false)
+                    .iter()
+                    .all(|der| der.as_deref() == Some(&leaf(&first)[..])),
+                "{protocol:?}: the half-written pair is not used"
+            );
+            replace_file(&key, second.key_pem.as_bytes(), 0o600);
+            support::eventually(
+                support::EVENTUALLY,
+                "every open relay connection to present the second identity",
+                || {
+                    let open = presented(&relay, true);
+                    let done = !open.is_empty()
+                        && open
+                            .iter()
+                            .all(|der| der.as_deref() == Some(&leaf(&second)[..]));
+                    async move { done.then_some(()) }
+                },
+            )
+            .await;
+        };
+        // Requests flow all through the rotation; none may fail.
+        tokio::join!(traffic(&sidecar, 400), rotation);
+        traffic(&sidecar, 40).await;
+        let all = presented(&relay, false);
+        let first_at = all
+            .iter()
+            .position(|der| der.as_deref() == Some(&leaf(&second)[..]))
+            .expect("the second identity was presented");
+        assert!(
+            all[first_at..]
+                .iter()
+                .all(|der| der.as_deref() == Some(&leaf(&second)[..])),
+            "{protocol:?}: once the second identity is in use, no connection presents the \
+             first again (nor resumes a session of it): {} connections",
+            all.len()
+        );
+        assert_eq!(relay.handshake_failures(), 0, "{protocol:?}");
+        assert!(
+            !sidecar
+                .logs()
+                .iter()
+                .any(|line| line.contains("PRIVATE KEY")),
+            "no key material in the logs"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mismatched_client_key_and_certificate_are_refused_naming_both_files() {
     let relay = Relay::builder().start().await;

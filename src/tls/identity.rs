@@ -16,7 +16,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
@@ -28,11 +28,12 @@ use rustls::pki_types::{
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 
-use crate::secret::{SecretError, SecureBuffer};
+use crate::secret::{FileStamp, SecretError, SecureBuffer, file_stamp};
 
 /// Loads the client certificate chain (`cert`, PEM) and private key (`key`, PEM: PKCS#8,
 /// PKCS#1 or SEC1), checks that the key parses and belongs to the certificate, and returns
-/// a resolver for `ClientConfig::with_client_cert_resolver`.
+/// the resolver for `ClientConfig::with_client_cert_resolver`, which re-reads both files
+/// when they change ([`ClientIdentity::reload_if_changed`]).
 ///
 /// # Errors
 /// A file is missing, unreadable, too open (mode; unless `allow_insecure_permissions`),
@@ -43,7 +44,25 @@ pub fn load_client_identity(
     key: &Path,
     allow_insecure_permissions: bool,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ResolvesClientCert>, IdentityError> {
+) -> Result<Arc<ClientIdentity>, IdentityError> {
+    let stamps = (file_stamp(cert), file_stamp(key));
+    let certified = load_certified_key(cert, key, allow_insecure_permissions, provider)?;
+    Ok(Arc::new(ClientIdentity {
+        current: RwLock::new(Arc::new(certified)),
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        allow_insecure_permissions,
+        provider: Arc::clone(provider),
+        stamps: Mutex::new(stamps),
+    }))
+}
+
+fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+    allow_insecure_permissions: bool,
+    provider: &Arc<CryptoProvider>,
+) -> Result<CertifiedKey, IdentityError> {
     let chain = read_chain(cert)?;
     let (der, format) = {
         let pem = SecureBuffer::from_file(key, allow_insecure_permissions)?;
@@ -53,23 +72,93 @@ pub fn load_client_identity(
     let signing_key = LockedSigningKey::new(der, format, key, Arc::clone(provider))?;
     let certified = CertifiedKey::new(chain, Arc::new(signing_key));
     match certified.keys_match() {
-        Ok(()) => {}
+        Ok(()) => Ok(certified),
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(IdentityError::new(IdentityErrorKind::Mismatch {
+            Err(IdentityError::new(IdentityErrorKind::Mismatch {
                 cert: cert.to_owned(),
                 key: key.to_owned(),
-            }));
+            }))
         }
-        Err(error) => {
-            return Err(IdentityError::new(IdentityErrorKind::Certificate {
-                path: cert.to_owned(),
-                reason: format!("cannot compare it with the key: {error}"),
-            }));
-        }
+        Err(error) => Err(IdentityError::new(IdentityErrorKind::Certificate {
+            path: cert.to_owned(),
+            reason: format!("cannot compare it with the key: {error}"),
+        })),
     }
-    Ok(Arc::new(LockedClientIdentity {
-        certified: Arc::new(certified),
-    }))
+}
+
+/// The mTLS identity the relay connections present: one certificate chain and its key
+/// (in a [`SecureBuffer`]), replaced as a whole when the files change.
+pub struct ClientIdentity {
+    current: RwLock<Arc<CertifiedKey>>,
+    cert: PathBuf,
+    key: PathBuf,
+    allow_insecure_permissions: bool,
+    provider: Arc<CryptoProvider>,
+    /// The files' stamps when last read (or tried).
+    stamps: Mutex<(Option<FileStamp>, Option<FileStamp>)>,
+}
+
+impl ClientIdentity {
+    /// Re-reads the certificate and key when either file changed. `Ok(true)`: the new pair is
+    /// what handshakes present from now on (connections already open keep theirs). An error
+    /// leaves the previous pair in use and is returned once per change of the files, so a
+    /// pair written one file at a time (a certificate that does not match the old key yet)
+    /// is taken as soon as the second file lands.
+    ///
+    /// # Errors
+    /// The changed files cannot be used (see [`load_client_identity`]).
+    pub fn reload_if_changed(&self) -> Result<bool, IdentityError> {
+        let now = (file_stamp(&self.cert), file_stamp(&self.key));
+        {
+            let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if *stamps == now {
+                return Ok(false);
+            }
+            *stamps = now;
+        }
+        let certified = load_certified_key(
+            &self.cert,
+            &self.key,
+            self.allow_insecure_permissions,
+            &self.provider,
+        )?;
+        // The previous key's SecureBuffer is wiped when the last handshake using it ends.
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(certified);
+        Ok(true)
+    }
+
+    /// The certificate file and the key file.
+    pub fn files(&self) -> (&Path, &Path) {
+        (&self.cert, &self.key)
+    }
+
+    fn certified(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("signing_key", &self.certified().key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The identity could not be loaded. Opaque; ask with the `is_*` predicates.
@@ -355,26 +444,6 @@ fn sextet(c: u8) -> Option<u8> {
     u8::try_from(value - 1).ok()
 }
 
-/// Resolves to the one identity whenever the server asks for a client certificate.
-#[derive(Debug)]
-struct LockedClientIdentity {
-    certified: Arc<CertifiedKey>,
-}
-
-impl ResolvesClientCert for LockedClientIdentity {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.certified))
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
 /// A rustls signing key whose private key stays in a SecureBuffer; it is parsed anew, by the
 /// crypto provider, each time rustls needs a signature (once per mTLS handshake).
 struct LockedSigningKey {
@@ -492,6 +561,9 @@ pub(super) mod test_support {
         pub server_key_pem: String,
         pub client_cert_pem: String,
         pub client_key_pem: String,
+        /// A second client identity of the same CA.
+        pub other_cert_pem: String,
+        pub other_key_pem: String,
     }
 
     pub fn pki() -> Pki {
@@ -510,12 +582,15 @@ pub(super) mod test_support {
         };
         let (server_cert_pem, server_key_pem) = leaf("relay.test");
         let (client_cert_pem, client_key_pem) = leaf("client.test");
+        let (other_cert_pem, other_key_pem) = leaf("other.test");
         Pki {
             ca_pem: ca_cert.pem(),
             server_cert_pem,
             server_key_pem,
             client_cert_pem,
             client_key_pem,
+            other_cert_pem,
+            other_key_pem,
         }
     }
 
@@ -757,6 +832,65 @@ mod tests {
             };
             assert_eq!(sextet(c), expected, "{c}");
         }
+    }
+
+    /// Replaces `path` with `contents` the way a careful writer does: a new file renamed
+    /// over the old one.
+    fn replace_file(path: &Path, contents: &str) {
+        let dir = path.parent().unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let fresh = write_file(dir, &format!("{name}.new"), contents, 0o600);
+        std::fs::rename(fresh, path).unwrap();
+    }
+
+    fn leaf_der(identity: &ClientIdentity) -> Vec<u8> {
+        identity.resolve(&[], &[]).unwrap().cert[0]
+            .as_ref()
+            .to_vec()
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_changed_pair_is_taken_and_a_bad_one_leaves_the_old_in_use() {
+        let pki = pki();
+        let (_dir, cert, key) = write_identity(&pki, &pki.client_key_pem, 0o600);
+        let identity = load_client_identity(&cert, &key, false, &provider()).unwrap();
+        assert!(!identity.reload_if_changed().unwrap(), "nothing changed");
+        // The certificate lands first: it does not match the old key yet.
+        replace_file(&cert, &pki.other_cert_pem);
+        let error = identity.reload_if_changed().unwrap_err();
+        assert!(error.is_key_mismatch(), "{error}");
+        assert_eq!(
+            leaf_der(&identity),
+            pem_der(&pki.client_cert_pem),
+            "the old pair stays"
+        );
+        assert!(
+            !identity.reload_if_changed().unwrap(),
+            "reported once per change"
+        );
+        // Then the key: the new pair is taken and handshakes present it.
+        replace_file(&key, &pki.other_key_pem);
+        assert!(identity.reload_if_changed().unwrap());
+        assert_eq!(leaf_der(&identity), pem_der(&pki.other_cert_pem));
+        let client = Arc::new(client_config(&pki, Some(identity.clone())));
+        let connection = handshake(client, server_config(&pki, true, 0)).unwrap();
+        assert!(!connection.is_handshaking());
+        // A key that cannot be parsed, or a missing file: the pair in use stays.
+        replace_file(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        );
+        assert!(identity.reload_if_changed().is_err());
+        std::fs::remove_file(&cert).unwrap();
+        assert!(identity.reload_if_changed().unwrap_err().is_not_found());
+        assert_eq!(leaf_der(&identity), pem_der(&pki.other_cert_pem));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct TicketStore {
 
 struct State {
     sessions: Bounded<Session>,
+    /// Advanced by every [`TicketStore::clear`].
+    generation: u64,
     kx_hints: VecDeque<(ServerName<'static>, NamedGroup)>,
 }
 
@@ -44,6 +46,7 @@ impl TicketStore {
         Arc::new(TicketStore {
             state: Mutex::new(State {
                 sessions: Bounded::new(capacity, max_age),
+                generation: 0,
                 kx_hints: VecDeque::new(),
             }),
         })
@@ -65,6 +68,107 @@ impl TicketStore {
     /// store access. Call it from a periodic task if the pool can sit idle for long.
     pub fn purge_expired(&self) {
         self.lock().sessions.purge_expired(Instant::now());
+    }
+
+    /// Drops (and thereby zeroizes) every session and begins a new generation: sessions
+    /// that dials begun before learn later are not kept ([`TicketStore::for_dial`]). For
+    /// when the client identity changed.
+    pub fn clear(&self) {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.sessions.clear();
+    }
+
+    /// The store as seen by one dial about to start: what that connection learns is kept
+    /// only if no [`TicketStore::clear`] came in between, and it resumes only sessions of its
+    /// own generation. So a handshake made with a client identity that was replaced while it
+    /// ran cannot leave a session behind for a later connection to resume.
+    pub fn for_dial(self: &Arc<Self>) -> Arc<dyn ClientSessionStore> {
+        let generation = self.lock().generation;
+        Arc::new(DialTickets {
+            store: Arc::clone(self),
+            generation,
+        })
+    }
+
+    /// Whether `generation` (`None`: whatever is current) is the current one.
+    fn current(state: &State, generation: Option<u64>) -> bool {
+        generation.is_none_or(|g| g == state.generation)
+    }
+
+    fn set_tls12(
+        &self,
+        generation: Option<u64>,
+        server_name: ServerName<'static>,
+        value: Tls12ClientSessionValue,
+    ) {
+        let mut state = self.lock();
+        if !Self::current(&state, generation) {
+            return;
+        }
+        let now = Instant::now();
+        // One TLS 1.2 session per server, as rustls's own cache keeps.
+        drop(state.sessions.take_newest(now, |name, session| {
+            name == &server_name && matches!(session, Session::Tls12(_))
+        }));
+        state
+            .sessions
+            .insert(now, server_name, Session::Tls12(value));
+    }
+
+    fn tls12(
+        &self,
+        generation: Option<u64>,
+        server_name: &ServerName<'_>,
+    ) -> Option<Tls12ClientSessionValue> {
+        let mut state = self.lock();
+        if !Self::current(&state, generation) {
+            return None;
+        }
+        state
+            .sessions
+            .find_newest(Instant::now(), |name, session| match session {
+                Session::Tls12(value) if name == server_name => Some(value.clone()),
+                _ => None,
+            })
+    }
+
+    fn remove_tls12(&self, server_name: &ServerName<'static>) {
+        let mut state = self.lock();
+        drop(state.sessions.take_newest(Instant::now(), |name, session| {
+            name == server_name && matches!(session, Session::Tls12(_))
+        }));
+    }
+
+    fn insert_tls13(
+        &self,
+        generation: Option<u64>,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        let mut state = self.lock();
+        if Self::current(&state, generation) {
+            state
+                .sessions
+                .insert(Instant::now(), server_name, Session::Tls13(value));
+        }
+    }
+
+    fn take_tls13(
+        &self,
+        generation: Option<u64>,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        let mut state = self.lock();
+        if !Self::current(&state, generation) {
+            return None;
+        }
+        match state.sessions.take_newest(Instant::now(), |name, session| {
+            name == server_name && matches!(session, Session::Tls13(_))
+        }) {
+            Some(Session::Tls13(value)) => Some(value),
+            _ => None,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -104,32 +208,15 @@ impl ClientSessionStore for TicketStore {
     }
 
     fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
-        let mut state = self.lock();
-        let now = Instant::now();
-        // One TLS 1.2 session per server, as rustls's own cache keeps.
-        drop(state.sessions.take_newest(now, |name, session| {
-            name == &server_name && matches!(session, Session::Tls12(_))
-        }));
-        state
-            .sessions
-            .insert(now, server_name, Session::Tls12(value));
+        self.set_tls12(None, server_name, value);
     }
 
     fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        let mut state = self.lock();
-        state
-            .sessions
-            .find_newest(Instant::now(), |name, session| match session {
-                Session::Tls12(value) if name == server_name => Some(value.clone()),
-                _ => None,
-            })
+        self.tls12(None, server_name)
     }
 
     fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        let mut state = self.lock();
-        drop(state.sessions.take_newest(Instant::now(), |name, session| {
-            name == server_name && matches!(session, Session::Tls12(_))
-        }));
+        self.remove_tls12(server_name);
     }
 
     fn insert_tls13_ticket(
@@ -137,25 +224,68 @@ impl ClientSessionStore for TicketStore {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        self.lock()
-            .sessions
-            .insert(Instant::now(), server_name, Session::Tls13(value));
+        self.insert_tls13(None, server_name, value);
     }
 
     fn take_tls13_ticket(
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
-        let taken = self
-            .lock()
-            .sessions
-            .take_newest(Instant::now(), |name, session| {
-                name == server_name && matches!(session, Session::Tls13(_))
-            });
-        match taken {
-            Some(Session::Tls13(value)) => Some(value),
-            _ => None,
-        }
+        self.take_tls13(None, server_name)
+    }
+}
+
+/// The store as one dial sees it ([`TicketStore::for_dial`]): sessions of the generation the
+/// dial began in, and none once [`TicketStore::clear`] has begun another.
+struct DialTickets {
+    store: Arc<TicketStore>,
+    generation: u64,
+}
+
+impl fmt::Debug for DialTickets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DialTickets")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientSessionStore for DialTickets {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.store.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.store.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.store
+            .set_tls12(Some(self.generation), server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.store.tls12(Some(self.generation), server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.store.remove_tls12(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.store
+            .insert_tls13(Some(self.generation), server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.store.take_tls13(Some(self.generation), server_name)
     }
 }
 
@@ -184,6 +314,10 @@ impl<V> Bounded<V> {
 
     fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
     }
 
     /// Adds `value`, evicting the oldest entries beyond capacity (none kept at capacity 0).
@@ -346,5 +480,39 @@ mod tests {
         assert!(store.is_empty());
         let again = handshake(client, server).unwrap();
         assert_eq!(again.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    }
+
+    #[test]
+    fn after_a_clear_a_dial_of_the_old_generation_leaves_no_session_behind() {
+        let pki = pki();
+        let server = server_config(&pki, false, 2);
+        let store = TicketStore::new(4, Duration::from_secs(600));
+        let dial_config = |view: Arc<dyn ClientSessionStore>| {
+            let mut client = client_config(&pki, None);
+            client.resumption = rustls::client::Resumption::store(view);
+            Arc::new(client)
+        };
+        // A dial begins, then the identity changes before its tickets arrive.
+        let old = dial_config(store.for_dial());
+        store.clear();
+        handshake(Arc::clone(&old), Arc::clone(&server)).unwrap();
+        assert!(
+            store.is_empty(),
+            "the old generation's tickets are not kept"
+        );
+        // A dial of the new generation stores and resumes as usual.
+        let new = dial_config(store.for_dial());
+        handshake(Arc::clone(&new), Arc::clone(&server)).unwrap();
+        assert_eq!(store.len(), 2);
+        let resumed = handshake(Arc::clone(&new), Arc::clone(&server)).unwrap();
+        assert_eq!(
+            resumed.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        // Sessions of the new generation are not offered to a dial of the old one.
+        let stale = handshake(old, server).unwrap();
+        assert_eq!(stale.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        store.clear();
+        assert!(store.is_empty(), "a clear drops every session");
     }
 }

@@ -816,7 +816,8 @@ pub async fn dial(
     let _ = tcp.set_nodelay(true);
     let stream = tokio::time::timeout(
         pool.tls_handshake_timeout,
-        tls.connector.connect(tls.server_name.clone(), tcp),
+        tls.connector_for_dial()
+            .connect(tls.server_name.clone(), tcp),
     )
     .await
     .map_err(|_| DialError {

@@ -143,6 +143,9 @@ pub struct ConnectionInfo {
     pub sni: Option<String>,
     /// True when the client presented a certificate.
     pub client_certificate: bool,
+    /// The client's leaf certificate (DER), when it presented one (also on resumption: the
+    /// session remembers it).
+    pub client_certificate_der: Option<Vec<u8>>,
     pub accepted_at: Instant,
     /// True once the TLS handshake succeeded.
     pub tls_established: bool,
@@ -644,6 +647,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
                 alpn: None,
                 sni: None,
                 client_certificate: false,
+                client_certificate_der: None,
                 accepted_at: Instant::now(),
                 tls_established: false,
                 open: true,
@@ -700,7 +704,7 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
             return;
         }
     };
-    let (alpn, sni, client_certificate) = {
+    let (alpn, sni, client_certificate_der) = {
         let (_, session) = tls.get_ref();
         (
             session
@@ -709,13 +713,15 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
             session.server_name().map(str::to_owned),
             session
                 .peer_certificates()
-                .is_some_and(|certificates| !certificates.is_empty()),
+                .and_then(|certificates| certificates.first())
+                .map(|leaf| leaf.as_ref().to_vec()),
         )
     };
     if let Some(info) = lock(&inner.connections).get_mut(&id) {
         info.alpn = alpn.clone();
         info.sni = sni;
-        info.client_certificate = client_certificate;
+        info.client_certificate = client_certificate_der.is_some();
+        info.client_certificate_der = client_certificate_der;
         info.tls_established = true;
     }
     inner.tls_accepted.fetch_add(1, Ordering::SeqCst);
