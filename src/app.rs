@@ -254,7 +254,7 @@ pub async fn run(
         let p = Arc::downgrade(&pool);
         tokio::spawn(
             tls_setup
-                .watch_identity(
+                .watch_files(
                     crate::credential::RELOAD_INTERVAL,
                     background.subscribe(),
                     move || {
@@ -263,7 +263,7 @@ pub async fn run(
                         }
                     },
                 )
-                .instrument(info_span!("identity_reload")),
+                .instrument(info_span!("tls_files")),
         );
     }
     let sampler = admin::sampler::Sampler::new(metrics.clone());

@@ -7,13 +7,15 @@ pub mod identity;
 pub mod tickets;
 
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
 use crate::config::UpstreamConfig;
+use crate::secret::{FileStamp, file_stamp};
 
 /// Why the TLS client could not be configured. Names the file, never secret content.
 #[derive(Debug)]
@@ -27,12 +29,16 @@ impl fmt::Display for TlsSetupError {
 
 impl std::error::Error for TlsSetupError {}
 
-/// What dialing needs: the connector and the name to verify.
+/// What dialing needs: the client configuration in force and the name to verify, plus what
+/// is re-read when its files change (the trust anchors, the mTLS identity).
 #[derive(Clone)]
 pub struct TlsSetup {
-    pub connector: tokio_rustls::TlsConnector,
     pub server_name: ServerName<'static>,
-    pub config: Arc<ClientConfig>,
+    /// The configuration new handshakes use; replaced when `upstream.ca_file` changes.
+    active: Arc<RwLock<Arc<ClientConfig>>>,
+    alpn: Vec<Vec<u8>>,
+    /// `upstream.ca_file` and its stamp when last read (none: the public web roots).
+    ca_file: Option<Arc<(PathBuf, Mutex<Option<FileStamp>>)>>,
     /// The bounded session-ticket store, when resumption is on.
     pub tickets: Option<Arc<tickets::TicketStore>>,
     /// The mTLS identity, when one is configured (re-read when its files change).
@@ -67,33 +73,14 @@ pub const TICKET_MAX_AGE: Duration = Duration::from_secs(600);
 /// The CA file cannot be read or holds no certificate; the mTLS identity cannot be loaded;
 /// the server name is invalid. Messages name the key and file, never secret content.
 pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(TlsSetupError(format!(
-                    "upstream.ca_file: {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            let (added, ignored) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(TlsSetupError(format!(
-                    "upstream.ca_file: none of the {ignored} certificates in {} could be parsed",
-                    path.display()
-                )));
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsSetupError(format!("TLS provider: {e}")))?
-        .with_root_certificates(roots);
+    let roots = match &cfg.ca_file {
+        Some(path) => read_roots(path)?,
+        None => rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    };
+    let ca_file = cfg
+        .ca_file
+        .as_ref()
+        .map(|path| Arc::new((path.clone(), Mutex::new(file_stamp(path)))));
     let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
         (Some(cert), Some(key)) => Some(
             identity::load_client_identity(cert, key, cfg.allow_insecure_permissions, &provider())
@@ -101,60 +88,107 @@ pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetu
         ),
         _ => None,
     };
-    let mut config = match &identity {
-        Some(resolver) => builder.with_client_cert_resolver(resolver.clone()),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    let tickets = if cfg.session_resumption {
-        let store = tickets::TicketStore::new(pool_size, TICKET_MAX_AGE);
-        config.resumption = rustls::client::Resumption::store(store.clone());
-        Some(store)
-    } else {
-        config.resumption = rustls::client::Resumption::disabled();
-        None
-    };
-    let config = Arc::new(config);
+    let tickets = cfg
+        .session_resumption
+        .then(|| tickets::TicketStore::new(pool_size, TICKET_MAX_AGE));
     let server_name = ServerName::try_from(cfg.server_name.clone()).map_err(|_| {
         TlsSetupError(format!(
             "upstream.server_name: {:?} is not a valid DNS name or IP address",
             cfg.server_name
         ))
     })?;
+    let alpn: Vec<Vec<u8>> = cfg.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let config = build_config(roots, identity.as_ref(), &alpn, tickets.as_ref())?;
     Ok(TlsSetup {
-        connector: tokio_rustls::TlsConnector::from(config.clone()),
         server_name,
-        config,
+        active: Arc::new(RwLock::new(Arc::new(config))),
+        alpn,
+        ca_file,
         tickets,
         identity,
     })
 }
 
+/// The trust anchors of a PEM file: at least one certificate that parses.
+fn read_roots(path: &Path) -> Result<rustls::RootCertStore, TlsSetupError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsSetupError(format!("upstream.ca_file: {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsSetupError(format!(
+            "upstream.ca_file: {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsSetupError(format!(
+            "upstream.ca_file: none of the {ignored} certificates in {} could be parsed",
+            path.display()
+        )));
+    }
+    Ok(roots)
+}
+
+/// A client configuration: verification against `roots`, the identity (if any), ALPN in
+/// order, resumption through the ticket store (or off).
+fn build_config(
+    roots: rustls::RootCertStore,
+    identity: Option<&Arc<identity::ClientIdentity>>,
+    alpn: &[Vec<u8>],
+    tickets: Option<&Arc<tickets::TicketStore>>,
+) -> Result<ClientConfig, TlsSetupError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError(format!("TLS provider: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(resolver) => builder.with_client_cert_resolver(resolver.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.to_vec();
+    config.resumption = match tickets {
+        Some(store) => rustls::client::Resumption::store(store.clone()),
+        None => rustls::client::Resumption::disabled(),
+    };
+    Ok(config)
+}
+
 impl TlsSetup {
+    /// The configuration new handshakes use now.
+    pub fn config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.active.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The connector for one dial. With an mTLS identity and resumption on, the dial sees
     /// the ticket store through its own generation ([`tickets::TicketStore::for_dial`]), so a
     /// handshake made with an identity replaced meanwhile leaves no session to resume.
     pub fn connector_for_dial(&self) -> tokio_rustls::TlsConnector {
+        let config = self.config();
         match (&self.tickets, &self.identity) {
             (Some(store), Some(_)) => {
-                let mut config = (*self.config).clone();
+                let mut config = (*config).clone();
                 config.resumption = rustls::client::Resumption::store(store.for_dial());
                 tokio_rustls::TlsConnector::from(Arc::new(config))
             }
-            _ => self.connector.clone(),
+            _ => tokio_rustls::TlsConnector::from(config),
         }
     }
 
-    /// Until shutdown: checks the mTLS identity's files every `every` and calls `on_change`
-    /// after a new identity took over (the pool then replaces its connections gracefully).
-    /// Returns at once without an identity.
-    pub async fn watch_identity(
+    /// Until shutdown: checks the trust anchors' and the mTLS identity's files every
+    /// `every`. New trust anchors apply to the handshakes that follow; the connections open
+    /// now stay (a bundle that no longer trusts the relay's current certificate must not
+    /// take the pool down). A new identity calls `on_identity_change`, and the pool then
+    /// replaces its connections gracefully. Returns at once when neither file is set.
+    pub async fn watch_files(
         self,
         every: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
-        on_change: impl Fn() + Send + 'static,
+        on_identity_change: impl Fn() + Send + 'static,
     ) {
-        if self.identity.is_none() {
+        if self.identity.is_none() && self.ca_file.is_none() {
             return;
         }
         let mut ticks = tokio::time::interval(every);
@@ -162,11 +196,52 @@ impl TlsSetup {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
+                    self.reload_ca_if_changed();
                     if self.reload_identity_if_changed() {
-                        on_change();
+                        on_identity_change();
                     }
                 }
                 _ = crate::shutdown::triggered(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Re-reads `upstream.ca_file` when it changed; true when new trust anchors are in
+    /// force. Stored sessions go with the old anchors (resuming one skips certificate
+    /// verification). A file that cannot be used is logged and the anchors in force kept.
+    pub fn reload_ca_if_changed(&self) -> bool {
+        let Some(ca) = &self.ca_file else {
+            return false;
+        };
+        let (path, stamp) = &**ca;
+        let now = file_stamp(path);
+        {
+            let mut last = stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if now.is_none() || *last == now {
+                return false;
+            }
+            *last = now;
+        }
+        let built = read_roots(path).and_then(|roots| {
+            build_config(
+                roots,
+                self.identity.as_ref(),
+                &self.alpn,
+                self.tickets.as_ref(),
+            )
+        });
+        match built {
+            Ok(config) => {
+                *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+                if let Some(tickets) = &self.tickets {
+                    tickets.clear();
+                }
+                tracing::info!(path = %path.display(), "trust anchors (upstream.ca_file) reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream.ca_file changed but cannot be used; keeping the trust anchors in force");
+                false
             }
         }
     }

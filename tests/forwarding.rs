@@ -1121,6 +1121,79 @@ async fn untrusted_relay_certificate_gets_502_naming_the_problem() {
     .await;
 }
 
+/// `upstream.ca_file` is re-read when it changes: a sidecar that does not trust the relay
+/// (502, not ready) starts trusting it once the file holds the relay's CA, without a
+/// restart; a file that then turns to garbage keeps the anchors in force.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_ca_file_is_trusted_without_a_restart() {
+    let relay = Relay::builder().start().await;
+    let other = support::Pki::new();
+    let builder = Sidecar::builder().relay(&relay).pool_size(2).set_str(
+        "pool",
+        "reconnect_backoff_max",
+        "300ms",
+    );
+    let ca_file = builder.write_file("ca.pem", other.ca_pem().as_bytes(), 0o644);
+    let sidecar = builder.ca_file(&ca_file).start().await;
+    let client = support::client();
+    let (status, body) = support::eventually(
+        support::EVENTUALLY,
+        "a 502 while the relay is not trusted",
+        || async {
+            let response = client.get(sidecar.data_url("/x")).send().await.ok()?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.ok()?;
+            (status == 502).then_some((status, body))
+        },
+    )
+    .await;
+    let (_, detail) = assert_json_error(status, &body);
+    // Another CA of the same name: the relay's certificate fails its signature check.
+    assert!(detail.contains("relay certificate rejected"), "{detail}");
+    assert_eq!(sidecar.admin_status("/ready").await, Some(503));
+
+    let replace = |contents: &[u8]| {
+        let staging = ca_file.with_extension("staging");
+        support::pki::write_with_mode(&staging, contents, 0o644);
+        std::fs::rename(&staging, &ca_file).expect("rename");
+    };
+    replace(relay.pki().ca_pem().as_bytes());
+    sidecar.wait_admin_status("/ready", 200).await;
+    let answer = client
+        .get(sidecar.data_url("/status/200"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status(), 200);
+
+    // Garbage in the file: a warning, and the anchors in force stay (new handshakes too).
+    replace(b"not a certificate\n");
+    support::eventually(
+        support::EVENTUALLY,
+        "a warning about the unusable file",
+        || {
+            let warned = sidecar.logs_contain("keeping the trust anchors in force");
+            async move { warned.then_some(()) }
+        },
+    )
+    .await;
+    relay.close_connections();
+    support::eventually(
+        support::EVENTUALLY,
+        "new connections under the anchors in force",
+        || async {
+            let response = client
+                .get(sidecar.data_url("/status/200"))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200 && relay.tls_accepted() > 2).then_some(())
+        },
+    )
+    .await;
+    assert!(sidecar.logs_contain("trust anchors (upstream.ca_file) reloaded"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn relay_certificate_for_another_name_gets_502_naming_the_problem() {
     // Issued by the trusted CA, but for the wrong name.
