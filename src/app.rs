@@ -15,8 +15,9 @@ use crate::admin::{self, AdminState, MemoryReport, TokenCheck};
 use crate::config::Config;
 use crate::credential::TokenCredential;
 use crate::hardening::{self, HardeningState};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WatchedFile};
 use crate::proxy::{self, DataPlane};
+use crate::secret::Reload;
 use crate::shutdown::Shutdown;
 use crate::tls;
 use crate::upstream::pool::Pool;
@@ -159,12 +160,16 @@ pub fn load_credential(cfg: &Config) -> Result<Option<Arc<TokenCredential>>, App
     Ok(None)
 }
 
-fn load_admin_token(cfg: &Config) -> Result<Option<TokenCheck>, AppError> {
+fn load_admin_token(cfg: &Config, metrics: &Metrics) -> Result<Option<TokenCheck>, AppError> {
     let Some(path) = &cfg.admin.token_file else {
         return Ok(None);
     };
-    let token = admin::token::AdminToken::load(path.clone(), cfg.admin.allow_insecure_permissions)
-        .map_err(|e| AppError::config(format!("admin.token_file: {e}")))?;
+    let token = admin::token::AdminToken::load(
+        path.clone(),
+        cfg.admin.allow_insecure_permissions,
+        metrics.clone(),
+    )
+    .map_err(|e| AppError::config(format!("admin.token_file: {e}")))?;
     let check: TokenCheck = Box::new(move |given: &[u8]| token.matches(given));
     Ok(Some(check))
 }
@@ -209,7 +214,8 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let tls = tls::setup(&cfg.upstream, cfg.pool.size.get())
         .map_err(|e| AppError::config(e.to_string()))?;
-    let admin_token = load_admin_token(&cfg)?;
+    let metrics = Metrics::new(cfg.pool.size.get());
+    let admin_token = load_admin_token(&cfg, &metrics)?;
     let data_listener = TcpListener::bind(cfg.listener.address).await.map_err(|e| {
         AppError::runtime(format!(
             "listener.address: cannot listen on {}: {e}",
@@ -231,7 +237,6 @@ pub async fn run(
             .map_err(|e| AppError::runtime(e.to_string()))?,
     };
 
-    let metrics = Metrics::new(cfg.pool.size.get());
     let data_stop = Shutdown::new();
     let background = Shutdown::new();
     let tls_setup = tls.clone();
@@ -239,33 +244,39 @@ pub async fn run(
     pool.start(background.subscribe());
     let source = credential.clone().map(|c| c as Arc<dyn CredentialSource>);
     let upstream = Arc::new(Upstream::new(pool.clone(), metrics.clone(), source));
+    // A file that changed is counted; a new relay token or client identity also makes the
+    // pool replace its connections (new ones first), so none keeps presenting the old one.
+    let on_change = {
+        let pool = Arc::downgrade(&pool);
+        let metrics = metrics.clone();
+        move |file: WatchedFile, outcome: Reload| {
+            metrics.secret_reload(file, outcome);
+            if outcome == Reload::Reloaded
+                && matches!(file, WatchedFile::RelayToken | WatchedFile::ClientIdentity)
+                && let Some(p) = pool.upgrade()
+            {
+                p.rotate_all();
+            }
+        }
+    };
     if let Some(c) = credential {
-        let p = Arc::downgrade(&pool);
+        let on_change = on_change.clone();
         tokio::spawn(
-            c.watch(background.subscribe(), move || {
-                if let Some(p) = p.upgrade() {
-                    p.rotate_all();
-                }
+            c.watch(background.subscribe(), move |outcome| {
+                on_change(WatchedFile::RelayToken, outcome);
             })
             .instrument(info_span!("token_reload")),
         );
     }
-    {
-        let p = Arc::downgrade(&pool);
-        tokio::spawn(
-            tls_setup
-                .watch_files(
-                    crate::credential::RELOAD_INTERVAL,
-                    background.subscribe(),
-                    move || {
-                        if let Some(p) = p.upgrade() {
-                            p.rotate_all();
-                        }
-                    },
-                )
-                .instrument(info_span!("tls_files")),
-        );
-    }
+    tokio::spawn(
+        tls_setup
+            .watch_files(
+                crate::credential::RELOAD_INTERVAL,
+                background.subscribe(),
+                on_change,
+            )
+            .instrument(info_span!("tls_files")),
+    );
     let sampler = admin::sampler::Sampler::new(metrics.clone());
     tokio::spawn(
         sampler

@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::secret::{self, FileStamp, SecretError, SecureBuffer, file_stamp};
+use crate::secret::{self, FileStamp, Reload, SecretError, SecureBuffer, file_stamp};
 use crate::upstream::CredentialSource;
 
 /// How often the token file is checked for changes.
@@ -91,15 +91,15 @@ impl TokenCredential {
         })
     }
 
-    /// Re-reads the token file if it changed; true when a new token was installed. A bad
-    /// new file is logged and the old token kept, so no request fails.
-    pub fn reload_if_changed(&self) -> bool {
+    /// Re-reads the token file if it changed. A bad new file is logged and the old token
+    /// kept, so no request fails.
+    pub fn reload_if_changed(&self) -> Reload {
         let Some((path, allow)) = &self.file else {
-            return false;
+            return Reload::Unchanged;
         };
         let now = file_stamp(path);
         if now.is_none() || self.stamp.read().is_ok_and(|s| *s == now) {
-            return false;
+            return Reload::Unchanged;
         }
         match SecureBuffer::from_file(path, *allow)
             .and_then(|b| secret::header_value(&b).map(|_| b))
@@ -116,14 +116,14 @@ impl TokenCredential {
                     *s = now;
                 }
                 info!(path = %path.display(), "relay token reloaded");
-                true
+                Reload::Reloaded
             }
             Err(e) => {
                 warn!(error = %e, "relay token file changed but cannot be used; keeping the previous token");
                 if let Ok(mut s) = self.stamp.write() {
                     *s = now;
                 }
-                false
+                Reload::Rejected
             }
         }
     }
@@ -141,11 +141,12 @@ impl TokenCredential {
     }
 
     /// Until shutdown: seals the token after [`SEAL_AFTER_IDLE`] without requests, and
-    /// re-reads the token file every [`RELOAD_INTERVAL`], calling `on_change` after a reload.
+    /// re-reads the token file every [`RELOAD_INTERVAL`], telling `on_change` what a change
+    /// of the file came to.
     pub async fn watch(
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
-        on_change: impl Fn() + Send + 'static,
+        on_change: impl Fn(Reload) + Send + 'static,
     ) {
         let mut ticks = tokio::time::interval(SEAL_AFTER_IDLE);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -156,8 +157,9 @@ impl TokenCredential {
                     self.seal_if_idle();
                     if last_reload.elapsed() >= RELOAD_INTERVAL {
                         last_reload = tokio::time::Instant::now();
-                        if self.reload_if_changed() {
-                            on_change();
+                        match self.reload_if_changed() {
+                            Reload::Unchanged => {}
+                            outcome => on_change(outcome),
                         }
                     }
                 }
@@ -249,7 +251,7 @@ mod tests {
         )
         .unwrap();
         std::fs::rename(dir.path().join("next"), &path).unwrap();
-        assert!(credential.reload_if_changed());
+        assert_eq!(credential.reload_if_changed(), Reload::Reloaded);
         assert_eq!(credential.header_value().unwrap().as_bytes(), b"Bearer two");
         assert_eq!(
             old.as_bytes(),

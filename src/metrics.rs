@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::secret::Reload;
 use crate::upstream::breaker::{BreakerState, TripReason};
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -57,6 +58,7 @@ struct Inner {
     sent_bytes: Counter,
     upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
     read_ahead: Gauge,
+    secret_reloads: Family<Labels2, Counter>,
     secure_buffers: Gauge,
     locked_bytes: Gauge,
     self_check_passed: Gauge,
@@ -289,6 +291,19 @@ impl Metrics {
             Unit::Seconds,
             upstream_latency_p95.clone(),
         );
+        let secret_reloads = Family::<Labels2, Counter>::default();
+        service.register(
+            "secret_reloads",
+            "Watched secret and certificate files that changed, by file and outcome: reloaded \
+             (the new content is in use) or rejected (it cannot be used; the previous stays)",
+            secret_reloads.clone(),
+        );
+        for file in WatchedFile::ALL {
+            for outcome in ["reloaded", "rejected"] {
+                let _ =
+                    secret_reloads.get_or_create(&[("file", file.as_str()), ("outcome", outcome)]);
+            }
+        }
         let read_ahead = Gauge::default();
         pool.register_with_unit(
             "upstream_read_ahead",
@@ -345,6 +360,7 @@ impl Metrics {
                 sent_bytes,
                 upstream_latency_p95,
                 read_ahead,
+                secret_reloads,
                 secure_buffers,
                 locked_bytes,
                 self_check_passed,
@@ -438,6 +454,19 @@ impl Metrics {
             .inc();
     }
 
+    /// A watched file was checked; counts changes (an unchanged file counts nothing).
+    pub fn secret_reload(&self, file: WatchedFile, outcome: Reload) {
+        let outcome = match outcome {
+            Reload::Unchanged => return,
+            Reload::Reloaded => "reloaded",
+            Reload::Rejected => "rejected",
+        };
+        self.inner
+            .secret_reloads
+            .get_or_create(&[("file", file.as_str()), ("outcome", outcome)])
+            .inc();
+    }
+
     pub fn reconnect(&self) {
         self.inner.reconnects.inc();
     }
@@ -512,6 +541,34 @@ impl Metrics {
         let _ = encode_registry(&mut out, &self.inner.pool);
         let _ = encode_eof(&mut out);
         out
+    }
+}
+
+/// The files the sidecar watches and re-reads (the `file` label of
+/// `sprint_sidecar_secret_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchedFile {
+    RelayToken,
+    ClientIdentity,
+    CaFile,
+    AdminToken,
+}
+
+impl WatchedFile {
+    pub const ALL: [WatchedFile; 4] = [
+        WatchedFile::RelayToken,
+        WatchedFile::ClientIdentity,
+        WatchedFile::CaFile,
+        WatchedFile::AdminToken,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchedFile::RelayToken => "relay_token",
+            WatchedFile::ClientIdentity => "client_identity",
+            WatchedFile::CaFile => "ca_file",
+            WatchedFile::AdminToken => "admin_token",
+        }
     }
 }
 

@@ -41,6 +41,17 @@ pub use error::SecretError;
 /// file was rewritten or replaced (Kubernetes swaps a Secret's files by renaming a symlink).
 pub type FileStamp = (Option<std::time::SystemTime>, u64, u64);
 
+/// What checking a watched file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// The file did not change.
+    Unchanged,
+    /// The file changed and its new content is in use.
+    Reloaded,
+    /// The file changed but cannot be used; the previous content stays in use.
+    Rejected,
+}
+
 /// The stamp of `path` now (following symlinks), or `None` when it cannot be read.
 pub fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;

@@ -15,7 +15,8 @@ use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
 use crate::config::UpstreamConfig;
-use crate::secret::{FileStamp, file_stamp};
+use crate::metrics::WatchedFile;
+use crate::secret::{FileStamp, Reload, file_stamp};
 
 /// Why the TLS client could not be configured. Names the file, never secret content.
 #[derive(Debug)]
@@ -180,13 +181,13 @@ impl TlsSetup {
     /// Until shutdown: checks the trust anchors' and the mTLS identity's files every
     /// `every`. New trust anchors apply to the handshakes that follow; the connections open
     /// now stay (a bundle that no longer trusts the relay's current certificate must not
-    /// take the pool down). A new identity calls `on_identity_change`, and the pool then
-    /// replaces its connections gracefully. Returns at once when neither file is set.
+    /// take the pool down). Each change is told to `on_change`; after a new identity the
+    /// pool replaces its connections gracefully. Returns at once when neither file is set.
     pub async fn watch_files(
         self,
         every: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
-        on_identity_change: impl Fn() + Send + 'static,
+        on_change: impl Fn(WatchedFile, Reload) + Send + 'static,
     ) {
         if self.identity.is_none() && self.ca_file.is_none() {
             return;
@@ -196,9 +197,13 @@ impl TlsSetup {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    self.reload_ca_if_changed();
-                    if self.reload_identity_if_changed() {
-                        on_identity_change();
+                    for (file, outcome) in [
+                        (WatchedFile::CaFile, self.reload_ca_if_changed()),
+                        (WatchedFile::ClientIdentity, self.reload_identity_if_changed()),
+                    ] {
+                        if outcome != Reload::Unchanged {
+                            on_change(file, outcome);
+                        }
                     }
                 }
                 _ = crate::shutdown::triggered(&mut shutdown) => return,
@@ -206,19 +211,19 @@ impl TlsSetup {
         }
     }
 
-    /// Re-reads `upstream.ca_file` when it changed; true when new trust anchors are in
-    /// force. Stored sessions go with the old anchors (resuming one skips certificate
-    /// verification). A file that cannot be used is logged and the anchors in force kept.
-    pub fn reload_ca_if_changed(&self) -> bool {
+    /// Re-reads `upstream.ca_file` when it changed. Stored sessions go with the old anchors
+    /// (resuming one skips certificate verification). A file that cannot be used is logged
+    /// and the anchors in force kept.
+    pub fn reload_ca_if_changed(&self) -> Reload {
         let Some(ca) = &self.ca_file else {
-            return false;
+            return Reload::Unchanged;
         };
         let (path, stamp) = &**ca;
         let now = file_stamp(path);
         {
             let mut last = stamp.lock().unwrap_or_else(|p| p.into_inner());
             if now.is_none() || *last == now {
-                return false;
+                return Reload::Unchanged;
             }
             *last = now;
         }
@@ -237,37 +242,37 @@ impl TlsSetup {
                     tickets.clear();
                 }
                 tracing::info!(path = %path.display(), "trust anchors (upstream.ca_file) reloaded");
-                true
+                Reload::Reloaded
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream.ca_file changed but cannot be used; keeping the trust anchors in force");
-                false
+                Reload::Rejected
             }
         }
     }
 
-    /// Re-reads the mTLS identity when its files changed; true when a new one is in use.
-    /// Then the stored session tickets are dropped too: a resumed session carries the client
+    /// Re-reads the mTLS identity when its files changed. Once a new one is in use, the
+    /// stored session tickets are dropped too: a resumed session carries the client
     /// authentication of the handshake that made it, so resuming one would present the old
     /// identity on a new connection. A pair that cannot be used is logged (naming the files,
     /// never their content) and the previous one kept, so no handshake fails over it.
-    pub fn reload_identity_if_changed(&self) -> bool {
+    pub fn reload_identity_if_changed(&self) -> Reload {
         let Some(identity) = &self.identity else {
-            return false;
+            return Reload::Unchanged;
         };
         match identity.reload_if_changed() {
-            Ok(false) => false,
+            Ok(false) => Reload::Unchanged,
             Ok(true) => {
                 if let Some(tickets) = &self.tickets {
                     tickets.clear();
                 }
                 let (cert, key) = identity.files();
                 tracing::info!(cert = %cert.display(), key = %key.display(), "mTLS identity reloaded");
-                true
+                Reload::Reloaded
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mTLS identity files changed but cannot be used; keeping the previous identity");
-                false
+                Reload::Rejected
             }
         }
     }

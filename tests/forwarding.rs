@@ -1192,6 +1192,12 @@ async fn a_replaced_ca_file_is_trusted_without_a_restart() {
     )
     .await;
     assert!(sidecar.logs_contain("trust anchors (upstream.ca_file) reloaded"));
+    for (outcome, count) in [("reloaded", 1.0), ("rejected", 1.0)] {
+        let sample = format!(
+            "sprint_sidecar_secret_reloads_total{{file=\"ca_file\",outcome=\"{outcome}\"}}"
+        );
+        assert_eq!(sidecar.metric(&sample).await, count, "{sample}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -483,17 +483,7 @@ async fn http1_clients_that_stop_reading_do_not_hold_the_pool() {
 
 /// `sprint_sidecar_upstream_read_ahead_bytes` from `/metrics`.
 async fn read_ahead_bytes(sidecar: &Sidecar) -> u64 {
-    let text = sidecar
-        .client()
-        .get(sidecar.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("the metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix("sprint_sidecar_upstream_read_ahead_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no read-ahead gauge in:\n{text}"))
+    sidecar
+        .metric("sprint_sidecar_upstream_read_ahead_bytes")
+        .await as u64
 }

@@ -1668,6 +1668,16 @@ async fn a_rotated_client_identity_is_presented_without_failing_a_request() {
                 .any(|line| line.contains("PRIVATE KEY")),
             "no key material in the logs"
         );
+        for (outcome, count) in [("rejected", 1.0), ("reloaded", 1.0)] {
+            let sample = format!(
+                "sprint_sidecar_secret_reloads_total{{file=\"client_identity\",outcome=\"{outcome}\"}}"
+            );
+            assert_eq!(
+                sidecar.metric(&sample).await,
+                count,
+                "{protocol:?}: {sample}"
+            );
+        }
     }
 }
 

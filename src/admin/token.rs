@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
-use crate::secret::{FileStamp, SecretError, SecureBuffer, file_stamp};
+use crate::metrics::{Metrics, WatchedFile};
+use crate::secret::{FileStamp, Reload, SecretError, SecureBuffer, file_stamp};
 
 /// How often, at most, a request makes the token file be checked for a change.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -21,6 +22,7 @@ pub struct AdminToken {
     current: RwLock<SecureBuffer>,
     /// When the file was last checked, and its stamp then.
     checked: Mutex<(Instant, Option<FileStamp>)>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for AdminToken {
@@ -36,7 +38,11 @@ impl AdminToken {
     ///
     /// # Errors
     /// Missing, empty, too large or too open a file (see [`SecureBuffer::from_file`]).
-    pub fn load(path: PathBuf, allow_insecure_permissions: bool) -> Result<Self, SecretError> {
+    pub fn load(
+        path: PathBuf,
+        allow_insecure_permissions: bool,
+        metrics: Metrics,
+    ) -> Result<Self, SecretError> {
         let stamp = file_stamp(&path);
         let buffer = SecureBuffer::from_file(&path, allow_insecure_permissions)?;
         Ok(AdminToken {
@@ -44,6 +50,7 @@ impl AdminToken {
             allow_insecure_permissions,
             current: RwLock::new(buffer),
             checked: Mutex::new((Instant::now(), stamp)),
+            metrics,
         })
     }
 
@@ -72,9 +79,13 @@ impl AdminToken {
                 // The previous buffer is wiped as it drops here.
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = buffer;
                 info!(path = %self.path.display(), "admin token reloaded");
+                self.metrics
+                    .secret_reload(WatchedFile::AdminToken, Reload::Reloaded);
             }
             Err(e) => {
                 warn!(error = %e, "admin token file changed but cannot be used; keeping the previous token");
+                self.metrics
+                    .secret_reload(WatchedFile::AdminToken, Reload::Rejected);
             }
         }
     }
@@ -104,7 +115,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.token");
         write(&path, b"first-admin-token");
-        let token = AdminToken::load(path.clone(), false).unwrap();
+        let metrics = Metrics::new(1);
+        let token = AdminToken::load(path.clone(), false, metrics.clone()).unwrap();
         assert!(token.matches(b"first-admin-token"));
         assert!(!token.matches(b"second-admin-token"));
         write(&path, b"second-admin-token");
@@ -128,5 +140,12 @@ mod tests {
             !format!("{token:?}").contains("second"),
             "Debug shows no token"
         );
+        let text = metrics.encode(&crate::metrics::ScrapeValues::default(), false);
+        for (outcome, count) in [("reloaded", 1), ("rejected", 2)] {
+            let line = format!(
+                "sprint_sidecar_secret_reloads_total{{file=\"admin_token\",outcome=\"{outcome}\"}} {count}"
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
     }
 }

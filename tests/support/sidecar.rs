@@ -421,6 +421,25 @@ impl Sidecar {
         (status, document)
     }
 
+    /// The value of one sample of `/metrics` in the Prometheus text format, named with its
+    /// labels as exposed (`name{label="v"}`); panics when it is missing.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.admin_url("/metrics"))
+            .header("accept", "text/plain")
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("the metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+    }
+
     /// The status code of an admin GET (connection errors count as `None`).
     pub async fn admin_status(&self, path: &str) -> Option<u16> {
         self.client
