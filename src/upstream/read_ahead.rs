@@ -164,6 +164,20 @@ struct Pump<B, L> {
     progressed: bool,
 }
 
+impl<B, L> Drop for Pump<B, L> {
+    fn drop(&mut self) {
+        // A task stopped before the body ended (the runtime shutting down) must not leave its
+        // client waiting for pieces that will never come.
+        let mut s = self.shared.lock();
+        if s.end.is_none() && !s.gone {
+            s.end = Some(Some("the relay answer's reading task stopped".into()));
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
 impl<B, L> Pump<B, L>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -526,6 +540,29 @@ mod tests {
         settle().await;
         assert!(seen.freed.load(Ordering::Relaxed));
         assert!(!seen.broken.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_reading_task_that_stops_early_ends_its_clients_body_with_an_error() {
+        let budget = Arc::new(Budget::new(1 << 20, 4 << 20));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mut reader, seen) = runtime.block_on(async {
+            let started = begin(Silent, &budget);
+            settle().await;
+            started
+        });
+        // The runtime goes away with the task waiting for the relay.
+        drop(runtime);
+        assert!(seen.freed.load(Ordering::Relaxed));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        match Pin::new(&mut reader).poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(e))) => assert!(e.to_string().contains("stopped"), "{e}"),
+            other => panic!("expected an error, got {:?}", other.map(|f| f.map(|_| ()))),
+        }
     }
 
     #[tokio::test(start_paused = true)]
