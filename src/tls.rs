@@ -163,18 +163,19 @@ impl TlsSetup {
         Arc::clone(&self.active.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The connector for one dial. With an mTLS identity and resumption on, the dial sees
-    /// the ticket store through its own generation ([`tickets::TicketStore::for_dial`]), so a
-    /// handshake made with an identity replaced meanwhile leaves no session to resume.
+    /// The connector for one dial. With resumption on, the dial sees the ticket store
+    /// through its own generation ([`tickets::TicketStore::for_dial`]), so a handshake made
+    /// with an identity or trust anchors replaced meanwhile leaves no session to resume.
+    /// (A configuration clone per dial: dials are rare, a few per thousand requests.)
     pub fn connector_for_dial(&self) -> tokio_rustls::TlsConnector {
         let config = self.config();
-        match (&self.tickets, &self.identity) {
-            (Some(store), Some(_)) => {
+        match &self.tickets {
+            Some(store) => {
                 let mut config = (*config).clone();
                 config.resumption = rustls::client::Resumption::store(store.for_dial());
                 tokio_rustls::TlsConnector::from(Arc::new(config))
             }
-            _ => tokio_rustls::TlsConnector::from(config),
+            None => tokio_rustls::TlsConnector::from(config),
         }
     }
 
