@@ -55,25 +55,36 @@ impl AdminToken {
     }
 
     /// Whether `given` is the token, in constant time. Re-reads the file first when it
-    /// changed and the last check is [`CHECK_INTERVAL`] old. A changed file that cannot be
-    /// used is logged and the previous token kept.
+    /// changed and the last check is [`CHECK_INTERVAL`] old, so an old token stops working
+    /// within that time; a token that does not match makes the file be checked at once, so
+    /// a new token works from its first use. A changed file that cannot be used is logged
+    /// and the previous token kept.
     pub fn matches(&self, given: &[u8]) -> bool {
-        self.reload_if_due();
+        self.reload_if_changed(false);
+        if self.compare(given) {
+            return true;
+        }
+        self.reload_if_changed(true) && self.compare(given)
+    }
+
+    fn compare(&self, given: &[u8]) -> bool {
         let current = self.current.read().unwrap_or_else(|p| p.into_inner());
         current.expose(|expected| expected.ct_eq(given).into())
     }
 
-    fn reload_if_due(&self) {
+    /// Re-reads the file if it changed (when `now` is false, only if the last check is
+    /// [`CHECK_INTERVAL`] old); true when a new token took over.
+    fn reload_if_changed(&self, now: bool) -> bool {
         let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-        if checked.0.elapsed() < CHECK_INTERVAL {
-            return;
+        if !now && checked.0.elapsed() < CHECK_INTERVAL {
+            return false;
         }
         checked.0 = Instant::now();
-        let now = file_stamp(&self.path);
-        if now.is_none() || now == checked.1 {
-            return;
+        let stamp = file_stamp(&self.path);
+        if stamp.is_none() || stamp == checked.1 {
+            return false;
         }
-        checked.1 = now;
+        checked.1 = stamp;
         match SecureBuffer::from_file(&self.path, self.allow_insecure_permissions) {
             Ok(buffer) => {
                 // The previous buffer is wiped as it drops here.
@@ -81,11 +92,13 @@ impl AdminToken {
                 info!(path = %self.path.display(), "admin token reloaded");
                 self.metrics
                     .secret_reload(WatchedFile::AdminToken, Reload::Reloaded);
+                true
             }
             Err(e) => {
                 warn!(error = %e, "admin token file changed but cannot be used; keeping the previous token");
                 self.metrics
                     .secret_reload(WatchedFile::AdminToken, Reload::Rejected);
+                false
             }
         }
     }
@@ -120,7 +133,8 @@ mod tests {
         assert!(token.matches(b"first-admin-token"));
         assert!(!token.matches(b"second-admin-token"));
         write(&path, b"second-admin-token");
-        token.check_now();
+        // The new token works from its first use: a token that does not match makes the
+        // file be checked at once.
         assert!(token.matches(b"second-admin-token"));
         assert!(
             !token.matches(b"first-admin-token"),
