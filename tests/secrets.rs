@@ -1681,6 +1681,37 @@ async fn a_rotated_client_identity_is_presented_without_failing_a_request() {
     }
 }
 
+/// `openssl x509 -req` without `-extfile` issues an X.509 v1 certificate, which TLS
+/// libraries refuse; the refusal says so and how to issue a v3 one, naming the file.
+/// (The fixture is such a certificate, made once with openssl. Any key will do: the
+/// certificate is refused before the pair is compared.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_x509_v1_client_certificate_is_refused_saying_how_to_fix_it() {
+    let relay = Relay::builder().start().await;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let v1 = fs::read(fixtures.join("x509-v1-client.pem")).expect("the fixture is readable");
+    let builder = Sidecar::builder().relay(&relay);
+    let cert = builder.write_file("v1.crt", &v1, 0o644);
+    let any_key = relay.pki().client_identity("any").key_pem;
+    let key = builder.write_file("v1.key", any_key.as_bytes(), 0o600);
+    let output = builder
+        .set_str("upstream", "client_cert_file", &cert.display().to_string())
+        .set_str("upstream", "client_key_file", &key.display().to_string())
+        .run_command("run")
+        .await;
+    assert_eq!(output.code, Some(2), "{output:?}");
+    let stderr = &output.stderr;
+    assert!(stderr.contains(&cert.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains("X.509 v1") && stderr.contains("v3"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("PRIVATE KEY") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mismatched_client_key_and_certificate_are_refused_naming_both_files() {
     let relay = Relay::builder().start().await;

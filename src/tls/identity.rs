@@ -81,9 +81,21 @@ fn load_certified_key(
         }
         Err(error) => Err(IdentityError::new(IdentityErrorKind::Certificate {
             path: cert.to_owned(),
-            reason: format!("cannot compare it with the key: {error}"),
+            reason: unusable_certificate_reason(&error),
         })),
     }
+}
+
+/// Why a client certificate cannot be used, in words an operator can act on.
+fn unusable_certificate_reason(error: &rustls::Error) -> String {
+    // webpki accepts only X.509 v3; `openssl x509 -req` without `-extfile` issues v1.
+    if format!("{error:?}").contains("UnsupportedCertVersion") {
+        return "it is an X.509 v1 certificate, and TLS needs v3: issue it with at least one \
+                extension (e.g. `openssl x509 -req ... -extfile <(echo \
+                extendedKeyUsage=clientAuth)`)"
+            .to_owned();
+    }
+    format!("cannot compare it with the key: {error}")
 }
 
 /// The mTLS identity the relay connections present: one certificate chain and its key
