@@ -307,6 +307,49 @@ fn certificate_reason(e: &rustls::CertificateError) -> String {
         }
         C::Revoked => "certificate revoked".into(),
         C::BadSignature => "bad signature".into(),
+        other if format!("{other:?}").contains("UnsupportedCertVersion") => {
+            "an X.509 v1 certificate (TLS needs v3)".into()
+        }
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+
+    #[test]
+    fn an_x509_v1_relay_certificate_is_named_as_such() {
+        // A v1 certificate (what `openssl x509 -req` issues without `-extfile`).
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/x509-v1-client.pem"
+        );
+        let cert = CertificateDer::from_pem_file(fixture).unwrap();
+        let roots =
+            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let error = verifier
+            .verify_server_cert(
+                &cert,
+                &[],
+                &ServerName::try_from("relay.test").unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .unwrap_err();
+        let rustls::Error::InvalidCertificate(reason) = error else {
+            panic!("not a certificate error: {error:?}");
+        };
+        assert_eq!(
+            certificate_reason(&reason),
+            "an X.509 v1 certificate (TLS needs v3)"
+        );
     }
 }
