@@ -75,8 +75,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
     builder
         .http1()
         // No hyper header timer: the client socket wrapper keeps the header and idle clocks
-        // (hyper's also ran between requests, closing kept-alive connections early).
+        // (hyper's also ran between requests, closing kept-alive connections early). hyper
+        // arms a 30 s one by default once it has a timer, so it is switched off by name; that
+        // also saves a boxed timer armed and dropped for every request.
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         // Room above the limit so the handler, not hyper, sees most oversized heads and can
         // answer 431 with a JSON body; heads beyond even this get hyper's bare 431.
         .max_buf_size(

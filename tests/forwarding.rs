@@ -738,6 +738,25 @@ async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_connection_stays_open_past_30_s_with_the_default_idle_timeout() {
+    // hyper arms a 30 s header timer of its own (running between requests too) whenever it
+    // has a timer, unless told not to: an idle kept-alive connection must last until
+    // listener.idle_timeout (75 s by default), not 30 s.
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let request = b"GET /long-idle HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    let (mut stream, status) = first_exchange(sidecar.data_addr(), request).await;
+    assert_eq!(status, Some(200));
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    let answer = send_and_read_once(&mut stream, request).await;
+    assert_eq!(
+        support::raw_status(&answer),
+        Some(200),
+        "the connection idle for 32 s serves the second request: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
 /// Header fields a relay would refuse (nginx: over 8 KiB, or 32 KiB in all) get 431 from the
 /// sidecar and never reach the relay, where one such head could close a connection that other
 /// requests share. The limits are configuration, for relays that accept more.
