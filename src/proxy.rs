@@ -319,7 +319,13 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     let body = if incoming.is_end_stream() {
         OutgoingBody::Replayable(Bytes::new())
     } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY_LIMIT) {
-        let read = tokio::time::timeout_at(deadline, incoming.collect()).await;
+        // Most small bodies came with the head: a first poll without a timer takes them.
+        let mut collect = std::pin::pin!(incoming.collect());
+        let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
+        let read = match first {
+            Poll::Ready(collected) => Ok(collected),
+            Poll::Pending => tokio::time::timeout_at(deadline, collect).await,
+        };
         match read {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();

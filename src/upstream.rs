@@ -261,14 +261,16 @@ impl Upstream {
     /// An [`UpstreamError`] saying why no response could be had.
     pub async fn send(
         &self,
-        head: OutgoingHead,
+        mut head: OutgoingHead,
         body: OutgoingBody,
         deadline: Instant,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let max_attempts = self.cfg.retry.max_attempts;
         let idempotent = retry::is_idempotent(&head.method, head.idempotency_key);
-        if let Ok(mut b) = self.budget.lock() {
-            b.record_request(Instant::now());
+        // The credential goes into the head once; every attempt sends a copy of the head.
+        if let Some(value) = self.credential.as_ref().and_then(|c| c.header_value()) {
+            head.headers
+                .insert(self.cfg.upstream.auth_header.clone(), value);
         }
         let (replayable, mut stream, waiting_on_client) = match body {
             OutgoingBody::Replayable(b) => (Some(b), None, None),
@@ -282,6 +284,11 @@ impl Upstream {
         loop {
             attempt += 1;
             let now = Instant::now();
+            if attempt == 1
+                && let Ok(mut b) = self.budget.lock()
+            {
+                b.record_request(now);
+            }
             if now >= deadline {
                 return Err(UpstreamError::deadline(format!(
                     "no response within listener.request_deadline ({:?})",
@@ -301,6 +308,7 @@ impl Upstream {
                     exclude,
                     (attempt_deadline, deadline),
                     waiting_on_client.as_deref(),
+                    now,
                 )
                 .await;
             let (err, slot) = match result {
@@ -354,6 +362,8 @@ impl Upstream {
 
     /// One attempt on one connection, by `(attempt deadline, request deadline)`; on failure
     /// also says which slot it used. `waiting_on_client`: see [`OutgoingBody::Streaming`].
+    /// `now`: the clock read just before (one reading serves the deadline check, the
+    /// checkout and the latency's start).
     async fn attempt(
         &self,
         head: &OutgoingHead,
@@ -361,10 +371,11 @@ impl Upstream {
         exclude: Option<usize>,
         (attempt_deadline, deadline): (Instant, Instant),
         waiting_on_client: Option<&AtomicBool>,
+        now: Instant,
     ) -> Result<Response<ResponseBody>, (UpstreamError, Option<usize>)> {
         let mut checkout = self
             .pool
-            .checkout(exclude, attempt_deadline)
+            .checkout(exclude, attempt_deadline, now)
             .await
             .map_err(|e| (e, None))?;
         let slot = checkout.slot.index;
@@ -372,18 +383,16 @@ impl Upstream {
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = head.uri.clone();
         *req.headers_mut() = head.headers.clone();
-        if let Some(value) = self.credential.as_ref().and_then(|c| c.header_value()) {
-            req.headers_mut()
-                .insert(self.cfg.upstream.auth_header.clone(), value);
-        }
         let permit = checkout.permit.take();
         let conn = checkout.conn.clone();
-        let started = Instant::now();
+        // Latency counts from here, not from a wait for a free connection.
+        let started = if checkout.waited { Instant::now() } else { now };
         let sent = match permit {
             Some(p) => tokio::time::timeout_at(attempt_deadline, conn.send(req, p)).await,
             None => Ok(Err(UpstreamError::reset("no request slot", true))),
         };
-        let elapsed = started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended.saturating_duration_since(started);
         match sent {
             Ok(Ok(mut resp)) => {
                 resp.body_mut()
@@ -402,7 +411,7 @@ impl Upstream {
                     },
                     elapsed,
                 );
-                self.pool.finish(checkout, outcome, Some(elapsed));
+                self.pool.finish(checkout, outcome, Some(elapsed), ended);
                 Ok(resp)
             }
             Ok(Err(e)) => {
@@ -412,14 +421,14 @@ impl Upstream {
                     (Outcome::Failure, AttemptOutcome::Failure)
                 };
                 self.metrics.attempt(label, elapsed);
-                self.pool.finish(checkout, outcome, None);
+                self.pool.finish(checkout, outcome, None, ended);
                 Err((e, Some(slot)))
             }
             Err(_) if waiting_on_client.is_some_and(|w| w.load(Ordering::Acquire)) => {
                 // The relay was waiting for the rest of the body too: nothing to hold
                 // against the connection.
                 checkout.conn.abandon_request();
-                self.pool.finish(checkout, Outcome::NotJudged, None);
+                self.pool.finish(checkout, Outcome::NotJudged, None, ended);
                 Err((
                     UpstreamError::client_stalled(format!(
                         "the request body stopped arriving from the client, and the relay \
@@ -431,7 +440,8 @@ impl Upstream {
             }
             Err(_) => {
                 self.metrics.attempt(AttemptOutcome::Failure, elapsed);
-                self.pool.finish(checkout, Outcome::Failure, Some(elapsed));
+                self.pool
+                    .finish(checkout, Outcome::Failure, Some(elapsed), ended);
                 let e = if attempt_deadline >= deadline {
                     UpstreamError::deadline(format!(
                         "no response within listener.request_deadline ({:?})",

@@ -122,11 +122,15 @@ pub struct ClientIo {
     replacement: Vec<u8>,
     replaced: usize,
     timeouts: Timeouts,
-    /// When the current head must be complete.
-    head_deadline: Instant,
+    /// When the current head must be complete; `None` from its first byte until the first
+    /// read that finds it unfinished, which reads the clock (in the same scheduler turn as
+    /// the first byte's read; most heads arrive whole and never need it).
+    head_deadline: Option<Instant>,
     /// When the current idle wait ends; `None` until the wait begins.
     idle_deadline: Option<Instant>,
-    /// The timer, made on first use and reset for each deadline.
+    /// The timer, made on first use. It is reset only for a deadline earlier than the one it
+    /// is armed for; one armed earlier is re-armed when it fires, so a busy connection resets
+    /// it once per timeout period rather than once per request.
     timer: Option<Pin<Box<Sleep>>>,
     armed: Option<Instant>,
     /// The write clock: set when a write finds the socket full, cleared by any progress. A
@@ -146,7 +150,7 @@ impl ClientIo {
         let now = Instant::now();
         ClientIo {
             timeouts,
-            head_deadline: now + timeouts.header,
+            head_deadline: Some(now + timeouts.header),
             // A new connection's first request must begin within the header timeout.
             idle_deadline: Some(now + timeouts.header),
             timer: None,
@@ -232,19 +236,36 @@ impl ClientIo {
         let deadline = match phase {
             _ if self.h2 => return Poll::Pending,
             Phase::Busy => return Poll::Pending,
-            Phase::Head => self.head_deadline,
+            Phase::Head => *self
+                .head_deadline
+                .get_or_insert_with(|| Instant::now() + self.timeouts.header),
             Phase::Idle => *self
                 .idle_deadline
                 .get_or_insert_with(|| Instant::now() + self.timeouts.idle),
         };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if self.armed != Some(deadline) {
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if self.armed.is_none_or(|armed| armed > deadline) {
+                    timer.as_mut().reset(deadline);
+                    self.armed = Some(deadline);
+                }
+                timer
+            }
+            None => {
+                self.armed = Some(deadline);
+                self.timer
+                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
+            }
+        };
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if self.armed.is_some_and(|armed| armed >= deadline) {
+                break;
+            }
+            // It fired for an earlier deadline that has since moved on.
             timer.as_mut().reset(deadline);
             self.armed = Some(deadline);
         }
-        ready!(timer.as_mut().poll(cx));
         if phase == Phase::Head {
             self.exchange.head_timed_out.store(true, Ordering::Relaxed);
         }
@@ -343,8 +364,8 @@ impl ClientIo {
             self.h2 = is_h2_preface(bytes);
         }
         if self.phase() == Phase::Idle {
-            // The first bytes of a new request head: its clock starts.
-            self.head_deadline = Instant::now() + self.timeouts.header;
+            // The first bytes of a new request head: its clock starts (read lazily).
+            self.head_deadline = None;
         }
         self.read_since_write = true;
         self.calls_at_read = self.exchange.calls.load(Ordering::Relaxed);

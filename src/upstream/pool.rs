@@ -117,11 +117,9 @@ impl Slot {
         self.current.lock().ok().and_then(|c| c.clone())
     }
 
-    fn touch(&self) {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    /// Records activity at `unix_ms` (see [`Pool::unix_ms`]).
+    fn touch(&self, unix_ms: u64) {
+        self.last_activity_ms.store(unix_ms, Ordering::Relaxed);
     }
 
     fn with_breaker<R>(&self, f: impl FnOnce(&mut Breaker) -> R) -> R {
@@ -145,6 +143,9 @@ pub struct Checkout {
     pub conn: Arc<Connection>,
     pub permit: Option<OwnedSemaphorePermit>,
     admission: Option<Admission>,
+    /// Whether the checkout had to wait for a connection (the caller's clock reading from
+    /// before the checkout is then stale).
+    pub waited: bool,
 }
 
 impl Drop for Checkout {
@@ -211,6 +212,9 @@ pub struct Pool {
     changed: Arc<Notify>,
     metrics: Metrics,
     origin: Instant,
+    /// Unix time in ms at `origin`: wall times of the request path come from the monotonic
+    /// clock the path reads anyway, instead of one more clock read per request.
+    origin_unix_ms: u64,
     generation: AtomicU64,
     /// Byte totals and the read-ahead budget, shared with every connection.
     shared: PoolShared,
@@ -247,6 +251,9 @@ impl Pool {
             changed: Arc::new(Notify::new()),
             metrics,
             origin: now,
+            origin_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             generation: AtomicU64::new(0),
             shared,
             latency: LatencyWindow::new(),
@@ -263,9 +270,17 @@ impl Pool {
 
     /// Milliseconds since the pool started: the latency windows' clock.
     pub fn now_ms(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.origin)
-            .as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// `now` as milliseconds since the pool started.
+    fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    /// `now` as Unix time in milliseconds (for `last_activity`).
+    fn unix_ms(&self, now: Instant) -> u64 {
+        self.origin_unix_ms + self.ms_at(now)
     }
 
     /// Starts one supervisor per slot and the slow-connection ejector; they end on shutdown.
@@ -302,8 +317,7 @@ impl Pool {
             .count()
     }
 
-    fn try_checkout(&self, exclude: Option<usize>) -> Result<Checkout, Unavailable> {
-        let now = Instant::now();
+    fn try_checkout(&self, exclude: Option<usize>, now: Instant) -> Result<Checkout, Unavailable> {
         let mut can_wait = false;
         for _pass in 0..3 {
             let mut best: Option<(u64, f64, &Arc<Slot>, Arc<Connection>)> = None;
@@ -351,12 +365,13 @@ impl Pool {
             match conn.try_reserve() {
                 Some(permit) => {
                     slot.requests.fetch_add(1, Ordering::Relaxed);
-                    slot.touch();
+                    slot.touch(self.unix_ms(now));
                     return Ok(Checkout {
                         slot: slot.clone(),
                         conn,
                         permit: Some(permit),
                         admission: Some(admission),
+                        waited: false,
                     });
                 }
                 None => slot.with_breaker(|b| b.release(admission)),
@@ -367,25 +382,32 @@ impl Pool {
 
     /// A request slot on the best usable connection other than `exclude`; waits (until
     /// `deadline`) only when one may free up soon, otherwise fails fast.
+    /// `now`: the caller's clock reading, taken just before.
     pub async fn checkout(
         &self,
         exclude: Option<usize>,
         deadline: Instant,
+        now: Instant,
     ) -> Result<Checkout, UpstreamError> {
         // Fast path: a free connection, without registering as a waiter (that takes the
         // notifier's lock twice).
-        match self.try_checkout(exclude) {
+        match self.try_checkout(exclude, now) {
             Ok(c) => return Ok(c),
             Err(u) if u.can_wait => {}
             Err(_) => return Err(self.unavailable()),
         }
+        let mut now = now;
+        let mut waited = false;
         loop {
             // Register first, then look again, so a connection freed in between wakes us.
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_checkout(exclude) {
-                Ok(c) => return Ok(c),
+            match self.try_checkout(exclude, now) {
+                Ok(mut c) => {
+                    c.waited = waited;
+                    return Ok(c);
+                }
                 Err(u) if u.can_wait => {}
                 Err(_) => return Err(self.unavailable()),
             }
@@ -394,6 +416,8 @@ impl Pool {
                     "no relay connection became free within pool.request_timeout",
                 ));
             }
+            now = Instant::now();
+            waited = true;
         }
     }
 
@@ -434,19 +458,25 @@ impl Pool {
         UpstreamError::unavailable(detail, secs)
     }
 
-    /// Reports how an attempt ended: latency (time to response headers), breaker, counters.
-    pub fn finish(&self, mut checkout: Checkout, outcome: Outcome, latency: Option<Duration>) {
-        let now = Instant::now();
+    /// Reports how an attempt ended, at `now`: latency (time to response headers), breaker,
+    /// counters.
+    pub fn finish(
+        &self,
+        mut checkout: Checkout,
+        outcome: Outcome,
+        latency: Option<Duration>,
+        now: Instant,
+    ) {
         let slot = checkout.slot.clone();
         if let Some(l) = latency {
-            let now_ms = self.now_ms();
+            let now_ms = self.ms_at(now);
             checkout.conn.latency.record(now_ms, l);
             self.latency.record(now_ms, l);
         }
         if outcome == Outcome::Failure {
             slot.errors.fetch_add(1, Ordering::Relaxed);
         }
-        slot.touch();
+        slot.touch(self.unix_ms(now));
         if let Some(admission) = checkout.admission.take() {
             let t = slot.with_breaker(|b| match outcome {
                 Outcome::Success => b.on_success(admission, now),
