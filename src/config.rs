@@ -870,6 +870,13 @@ impl RawConfig {
             allow_insecure_permissions: a.allow_insecure_permissions,
             cors_allowed_origins: a.cors_allowed_origins.clone(),
         };
+        if listeners_overlap(listener.address, admin.address) {
+            c.problems.push(format!(
+                "admin.address: {} would share its port with listener.address {}; give the \
+                 admin listener its own port",
+                admin.address, listener.address
+            ));
+        }
         let u = &self.upstream;
         let endpoint = parse_endpoint(&u.endpoint).unwrap_or_else(|e| {
             c.problems.push(format!("upstream.endpoint: {e}"));
@@ -1041,9 +1048,13 @@ impl RawConfig {
             }
         };
         let level = self.log.level.trim().to_string();
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() || level.is_empty() {
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err()
+            || level.is_empty()
+            || !bare_words_are_levels(&level)
+        {
             c.problems.push(format!(
-                "log.level: invalid level {level:?} (expected error, warn, info, debug or trace)"
+                "log.level: invalid level {level:?} (expected error, warn, info, debug, trace \
+                 or off, or a filter such as \"info,sprint_sidecar=debug\")"
             ));
         }
         let log = LogConfig { format, level };
@@ -1076,6 +1087,28 @@ impl RawConfig {
             warnings: Vec::new(),
         })
     }
+}
+
+/// Whether two listen addresses would take the same port: the same address, or the same
+/// port with one of them the unspecified address of the same family. Port 0 (the system
+/// picks one) never clashes.
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Whether every directive of a log filter without `=` is a level. A tracing filter would
+/// read a lone word such as `"debgu"` as a target name and log nothing of it; a target
+/// filter is written `target=level`.
+fn bare_words_are_levels(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('='))
+        .all(|d| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)))
 }
 
 #[cfg(test)]
@@ -1178,6 +1211,61 @@ mod tests {
             assert!(msg.contains(key), "{key} missing in {msg}");
         }
         assert_eq!(err.problems().len(), 3);
+    }
+
+    #[test]
+    fn admin_listener_must_not_take_the_data_listeners_port() {
+        let load = |listener: &str, admin: &str| {
+            let text =
+                format!("[listener]\naddress = \"{listener}\"\n[admin]\naddress = \"{admin}\"\n");
+            load_text(&text, &[], &Overrides::default()).map_err(|e| e.to_string())
+        };
+        for (listener, admin) in [
+            ("127.0.0.1:9090", "127.0.0.1:9090"),
+            ("127.0.0.1:9090", "0.0.0.0:9090"),
+            ("0.0.0.0:9090", "127.0.0.1:9090"),
+            ("[::1]:9090", "[::]:9090"),
+        ] {
+            let msg = load(listener, admin).expect_err(admin);
+            assert!(
+                msg.contains("admin.address") && msg.contains("own port"),
+                "{listener} / {admin}: {msg}"
+            );
+        }
+        for (listener, admin) in [
+            ("127.0.0.1:9090", "127.0.0.1:9091"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:9090", "127.0.0.2:9090"),
+            ("127.0.0.1:9090", "[::1]:9090"),
+        ] {
+            assert!(load(listener, admin).is_ok(), "{listener} / {admin}");
+        }
+    }
+
+    #[test]
+    fn log_level_words_must_be_levels() {
+        let load = |level: &str| {
+            load_text(
+                &format!("[log]\nlevel = \"{level}\"\n"),
+                &[],
+                &Overrides::default(),
+            )
+            .map(|c| c.log.level)
+            .map_err(|e| e.to_string())
+        };
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "warn,sprint_sidecar=debug",
+            "h2=info,trace",
+        ] {
+            assert_eq!(load(good).as_deref(), Ok(good));
+        }
+        for bad in ["loud", "debgu", "info,sprint_sidecar", "", "info=="] {
+            let msg = load(bad).expect_err(bad);
+            assert!(msg.contains("log.level: invalid level"), "{bad}: {msg}");
+        }
     }
 
     #[test]
