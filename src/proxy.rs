@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::response::json_error;
 use crate::upstream::connection::{BoxError, ResponseBody};
-use crate::upstream::{OutgoingBody, OutgoingHead, Upstream, UpstreamError};
+use crate::upstream::{ClientBody, OutgoingBody, OutgoingHead, Upstream, UpstreamError};
 
 /// Bodies up to this size (with a known length) are read whole so a failed attempt can be
 /// retried; larger or chunked bodies are streamed and sent once.
@@ -313,8 +313,6 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         headers,
         idempotency_key,
     };
-    // Set by a streamed body that grows past the limit (buffered bodies are checked above).
-    let mut exceeded: Option<Arc<AtomicBool>> = None;
     let deadline = start + cfg.listener.request_deadline;
     let body = if incoming.is_end_stream() {
         OutgoingBody::Replayable(Bytes::new())
@@ -348,18 +346,15 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             }
         }
     } else {
-        let flag = Arc::new(AtomicBool::new(false));
-        exceeded = Some(flag.clone());
-        let waiting = Arc::new(AtomicBool::new(false));
+        let client = Arc::new(ClientBody::default());
         let limited = LimitedBody {
             inner: incoming,
             seen: 0,
             limit,
-            exceeded: flag,
-            waiting: waiting.clone(),
+            client: client.clone(),
             metrics: plane.metrics.clone(),
         };
-        OutgoingBody::Streaming(limited.boxed_unsync(), waiting)
+        OutgoingBody::Streaming(limited.boxed_unsync(), client)
     };
     match plane.upstream.send(head, body, deadline).await {
         Ok(resp) => {
@@ -380,11 +375,6 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
                 },
             )
         }
-        Err(_) if exceeded.is_some_and(|flag| flag.load(Ordering::Acquire)) => local(json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
-        )),
         Err(e) => error_response(&e),
     }
 }
@@ -565,10 +555,22 @@ struct LimitedBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
-    /// True while the last poll found nothing from the client (see `OutgoingBody`).
-    waiting: Arc<AtomicBool>,
+    /// Told when the body waits for the client, grows too large or fails.
+    client: Arc<ClientBody>,
     metrics: Metrics,
+}
+
+/// hyper's body error with its cause ("error reading a body from connection: invalid chunk
+/// size line: ..."), which its `Display` alone leaves out.
+fn describe_body_error(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[derive(Debug)]
@@ -592,20 +594,25 @@ impl Body for LimitedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        this.waiting.store(polled.is_pending(), Ordering::Release);
+        this.client
+            .waiting
+            .store(polled.is_pending(), Ordering::Release);
         match std::task::ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     this.metrics.bytes(d.len() as u64, 0);
                     if this.seen > this.limit {
-                        this.exceeded.store(true, Ordering::Release);
+                        this.client.too_large(this.limit);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            Some(Err(e)) => {
+                this.client.failed(describe_body_error(&e));
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             None => Poll::Ready(None),
         }
     }

@@ -46,6 +46,11 @@ pub enum ErrorKind {
     /// The attempt ran out of time while the request body waited for the client, not for
     /// the relay: the client's fault, 408.
     ClientStalled,
+    /// The client's streamed body grew past `listener.max_body_bytes`: 413.
+    ClientBodyTooLarge,
+    /// The client's streamed body broke (bad chunked framing, the client went away mid-body):
+    /// 400. The relay saw a cancelled stream, which says nothing about its health.
+    ClientBodyFailed,
 }
 
 /// A failed forward, classified for the breaker, retries, metrics and the JSON answer.
@@ -127,6 +132,17 @@ impl UpstreamError {
         }
     }
 
+    /// The client's streamed body failed (see [`ClientBody`]).
+    fn client_body(kind: ErrorKind, detail: String) -> Self {
+        UpstreamError {
+            kind,
+            detail,
+            never_sent: false,
+            refused: false,
+            retry_after: None,
+        }
+    }
+
     pub fn deadline(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::Deadline,
@@ -176,6 +192,8 @@ impl UpstreamError {
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout | ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::ClientStalled => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::ClientBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::ClientBodyFailed => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -187,6 +205,8 @@ impl UpstreamError {
             ErrorKind::Timeout => "upstream_timeout",
             ErrorKind::Deadline => "request_deadline_exceeded",
             ErrorKind::ClientStalled => "request_timeout",
+            ErrorKind::ClientBodyTooLarge => "body_too_large",
+            ErrorKind::ClientBodyFailed => "bad_request",
         }
     }
 }
@@ -203,10 +223,50 @@ impl std::error::Error for UpstreamError {}
 pub enum OutgoingBody {
     /// Small, fully read: can be sent again on retry.
     Replayable(Bytes),
-    /// Streamed from the client: sent once. The flag is true while the body waits for the
-    /// client (its last poll found nothing to read), so that a stalled client is not taken
-    /// for a stalled relay.
-    Streaming(UnsyncBoxBody<Bytes, BoxError>, Arc<AtomicBool>),
+    /// Streamed from the client: sent once. The data plane's body wrapper reports into the
+    /// [`ClientBody`], so that the client's faults are not taken for the relay's.
+    Streaming(UnsyncBoxBody<Bytes, BoxError>, Arc<ClientBody>),
+}
+
+/// What the data plane's body wrapper knows about a streamed client body. An attempt that
+/// fails while the fault is the client's is answered as the client's error and is not held
+/// against the relay connection (breaker, error counts): a local client sending malformed
+/// or oversized bodies must not be able to open the breakers for everyone.
+#[derive(Debug, Default)]
+pub struct ClientBody {
+    /// True while the last poll found nothing from the client (its last poll found nothing
+    /// to read), so that a stalled client is not taken for a stalled relay.
+    pub waiting: AtomicBool,
+    fault: std::sync::OnceLock<(ErrorKind, String)>,
+}
+
+impl ClientBody {
+    /// The body grew past `limit` bytes (`listener.max_body_bytes`).
+    pub fn too_large(&self, limit: u64) {
+        let _ = self.fault.set((
+            ErrorKind::ClientBodyTooLarge,
+            format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
+        ));
+    }
+
+    /// Reading the body from the client failed; `why` says how.
+    pub fn failed(&self, why: String) {
+        let _ = self.fault.set((
+            ErrorKind::ClientBodyFailed,
+            format!("reading the request body failed: {why}"),
+        ));
+    }
+
+    /// The client's fault, if its body failed.
+    pub fn fault(&self) -> Option<UpstreamError> {
+        self.fault
+            .get()
+            .map(|(kind, detail)| UpstreamError::client_body(*kind, detail.clone()))
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
+    }
 }
 
 /// The request head to forward, already rewritten by the data plane.
@@ -272,9 +332,9 @@ impl Upstream {
             head.headers
                 .insert(self.cfg.upstream.auth_header.clone(), value);
         }
-        let (replayable, mut stream, waiting_on_client) = match body {
+        let (replayable, mut stream, client) = match body {
             OutgoingBody::Replayable(b) => (Some(b), None, None),
-            OutgoingBody::Streaming(s, waiting) => (None, Some(s), Some(waiting)),
+            OutgoingBody::Streaming(s, client) => (None, Some(s), Some(client)),
         };
         let mut exclude = None;
         let mut attempt = 0u32;
@@ -307,7 +367,7 @@ impl Upstream {
                     body,
                     exclude,
                     (attempt_deadline, deadline),
-                    waiting_on_client.as_deref(),
+                    client.as_deref(),
                     now,
                 )
                 .await;
@@ -361,7 +421,7 @@ impl Upstream {
     }
 
     /// One attempt on one connection, by `(attempt deadline, request deadline)`; on failure
-    /// also says which slot it used. `waiting_on_client`: see [`OutgoingBody::Streaming`].
+    /// also says which slot it used. `client`: see [`OutgoingBody::Streaming`].
     /// `now`: the clock read just before (one reading serves the deadline check, the
     /// checkout and the latency's start).
     async fn attempt(
@@ -370,7 +430,7 @@ impl Upstream {
         body: AttemptBody,
         exclude: Option<usize>,
         (attempt_deadline, deadline): (Instant, Instant),
-        waiting_on_client: Option<&AtomicBool>,
+        client: Option<&ClientBody>,
         now: Instant,
     ) -> Result<Response<ResponseBody>, (UpstreamError, Option<usize>)> {
         let mut checkout = self
@@ -414,6 +474,14 @@ impl Upstream {
                 self.pool.finish(checkout, outcome, Some(elapsed), ended);
                 Ok(resp)
             }
+            Ok(Err(_)) | Err(_) if let Some(fault) = client.and_then(ClientBody::fault) => {
+                // The client's body failed and the stream was cancelled for it: the relay did
+                // nothing wrong. An HTTP/1.1 connection stopped mid-body closes as the
+                // sidecar's doing, and is replaced at once.
+                checkout.conn.abandon_request();
+                self.pool.finish(checkout, Outcome::NotJudged, None, ended);
+                Err((fault, Some(slot)))
+            }
             Ok(Err(e)) => {
                 let (outcome, label) = if e.is_refused() {
                     (Outcome::Refused, AttemptOutcome::Refused)
@@ -424,7 +492,7 @@ impl Upstream {
                 self.pool.finish(checkout, outcome, None, ended);
                 Err((e, Some(slot)))
             }
-            Err(_) if waiting_on_client.is_some_and(|w| w.load(Ordering::Acquire)) => {
+            Err(_) if client.is_some_and(ClientBody::is_waiting) => {
                 // The relay was waiting for the rest of the body too: nothing to hold
                 // against the connection.
                 checkout.conn.abandon_request();

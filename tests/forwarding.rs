@@ -585,6 +585,99 @@ async fn chunked_body_growing_past_max_body_bytes_gets_413() {
     );
 }
 
+/// A client's streamed body that fails (bad chunked framing) or grows past
+/// `listener.max_body_bytes` is answered as the client's error, 400 or 413, and is not held
+/// against the relay connection: with `consecutive_failures = 1` and one connection, a single
+/// such failure would otherwise open the only breaker, and a local client could make the
+/// sidecar answer 503 to everyone (it did, before the fix: 20 malformed bodies opened all
+/// four breakers of the default pool).
+async fn client_body_faults_are_not_the_relays(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set("listener", "max_body_bytes", "1024")
+            .set("breaker", "consecutive_failures", "1")
+    })
+    .await;
+    for round in 0..2 {
+        let answer = exchange_until_closed(
+            sidecar.data_addr(),
+            b"POST /bad-chunks HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        )
+        .await;
+        let (error, detail) = assert_json_error(400, support::raw_body(&answer));
+        assert_eq!(
+            error,
+            "bad_request",
+            "round {round} over {}",
+            protocol.name()
+        );
+        assert!(
+            detail.contains("request body") && detail.contains("chunk"),
+            "{detail}"
+        );
+
+        let request = Request::post("/too-big/chunked")
+            .header("host", "app.example")
+            .body(PatternBody::chunked(8 * 1024, 256))
+            .expect("valid request");
+        let (parts, body) = support::http1_request(sidecar.data_addr(), request)
+            .await
+            .expect("the sidecar answers");
+        assert_eq!(parts.status, 413, "{}", String::from_utf8_lossy(&body));
+        let (error, detail) = assert_json_error(413, &body);
+        assert_eq!(error, "body_too_large");
+        assert!(
+            detail.contains("listener.max_body_bytes (1024 bytes)"),
+            "{detail}"
+        );
+    }
+    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+    let connection = &status["connections"][0];
+    assert_eq!(connection["errors"], 0, "{connection}");
+    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
+    if protocol == Proto::H2 {
+        // Only the streams were cancelled: the one TLS connection carried everything.
+        assert_eq!(relay.connections().len(), 1, "no connection was replaced");
+    }
+    // Over HTTP/1.1 a connection stopped mid-body cannot go on; it is replaced at once (no
+    // backoff), so readiness comes back within the re-dial.
+    let mut ready = 0;
+    for _ in 0..40 {
+        ready = sidecar
+            .client()
+            .get(sidecar.admin_url("/ready"))
+            .send()
+            .await
+            .expect("answered")
+            .status()
+            .as_u16();
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 200, "ready again within 2 s");
+    let after = sidecar
+        .client()
+        .get(sidecar.data_url("/after"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(after.status(), 200, "the pool still serves");
+    assert_eq!(relay.count_path("/after"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_body_faults_cost_an_h2_relay_connection_nothing() {
+    client_body_faults_are_not_the_relays(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_body_faults_cost_an_http1_relay_connection_nothing() {
+    client_body_faults_are_not_the_relays(Proto::Http1).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_headers_get_431() {
     let (relay, sidecar) = start(Proto::H2, |sidecar| {

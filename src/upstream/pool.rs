@@ -739,7 +739,11 @@ async fn supervise(
                             // counter still counts it. One that served nothing waits the
                             // first backoff step, so a relay that sends GOAWAY right after
                             // every handshake is not dialed in a tight loop.
-                            if conn.stats.requests.load(Ordering::Relaxed) > 0 {
+                            if conn.stats.requests.load(Ordering::Relaxed) > 0
+                                || conn.is_abandoned()
+                            {
+                                // (An abandoned HTTP/1.1 connection was closed by the sidecar
+                                // for its client's sake: nothing to wait for either.)
                                 debug!("relay connection closed after serving; re-dialing");
                                 None
                             } else {
