@@ -234,8 +234,8 @@ pub enum OutgoingBody {
 /// or oversized bodies must not be able to open the breakers for everyone.
 #[derive(Debug, Default)]
 pub struct ClientBody {
-    /// True while the last poll found nothing from the client (its last poll found nothing
-    /// to read), so that a stalled client is not taken for a stalled relay.
+    /// True while the body's last poll found nothing to read from the client, so that a
+    /// stalled client is not taken for a stalled relay.
     pub waiting: AtomicBool,
     fault: std::sync::OnceLock<(ErrorKind, String)>,
 }

@@ -632,10 +632,6 @@ async fn client_body_faults_are_not_the_relays(protocol: Proto) {
             "{detail}"
         );
     }
-    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
-    let connection = &status["connections"][0];
-    assert_eq!(connection["errors"], 0, "{connection}");
-    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
     if protocol == Proto::H2 {
         // Only the streams were cancelled: the one TLS connection carried everything.
         assert_eq!(relay.connections().len(), 1, "no connection was replaced");
@@ -658,6 +654,15 @@ async fn client_body_faults_are_not_the_relays(protocol: Proto) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ready, 200, "ready again within 2 s");
+    assert_connection_unharmed(&relay, &sidecar).await;
+}
+
+/// The pool's one connection has no error and a closed breaker, and serves `/after`.
+async fn assert_connection_unharmed(relay: &Relay, sidecar: &Sidecar) {
+    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
+    let connection = &status["connections"][0];
+    assert_eq!(connection["errors"], 0, "{connection}");
+    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
     let after = sidecar
         .client()
         .get(sidecar.data_url("/after"))
@@ -814,21 +819,10 @@ async fn an_idle_keep_alive_connection_is_closed_silently_after_idle_timeout() {
 async fn a_kept_alive_connection_may_wait_longer_than_the_header_timeout() {
     // The header clock runs from a head's first byte, not while the connection waits for
     // its next request (that is listener.idle_timeout, 75 s by default).
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+    serves_again_after_idling(Duration::from_millis(900), |sidecar| {
         sidecar.set_str("listener", "header_read_timeout", "300ms")
     })
     .await;
-    let request = b"GET /again HTTP/1.1\r\nHost: app.example\r\n\r\n";
-    let (mut stream, status) = first_exchange(sidecar.data_addr(), request).await;
-    assert_eq!(status, Some(200));
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let answer = send_and_read_once(&mut stream, request).await;
-    assert_eq!(
-        support::raw_status(&answer),
-        Some(200),
-        "the same connection serves the second request: {}",
-        String::from_utf8_lossy(&answer)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -836,16 +830,24 @@ async fn a_kept_alive_connection_stays_open_past_30_s_with_the_default_idle_time
     // hyper arms a 30 s header timer of its own (running between requests too) whenever it
     // has a timer, unless told not to: an idle kept-alive connection must last until
     // listener.idle_timeout (75 s by default), not 30 s.
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
-    let request = b"GET /long-idle HTTP/1.1\r\nHost: app.example\r\n\r\n";
+    serves_again_after_idling(Duration::from_secs(32), |sidecar| sidecar).await;
+}
+
+/// A kept-alive connection that waited `idle` for its next request serves it.
+async fn serves_again_after_idling(
+    idle: Duration,
+    configure: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
+) {
+    let (_relay, sidecar) = start(Proto::H2, configure).await;
+    let request = b"GET /again HTTP/1.1\r\nHost: app.example\r\n\r\n";
     let (mut stream, status) = first_exchange(sidecar.data_addr(), request).await;
     assert_eq!(status, Some(200));
-    tokio::time::sleep(Duration::from_secs(32)).await;
+    tokio::time::sleep(idle).await;
     let answer = send_and_read_once(&mut stream, request).await;
     assert_eq!(
         support::raw_status(&answer),
         Some(200),
-        "the connection idle for 32 s serves the second request: {:?}",
+        "the connection idle for {idle:?} serves the second request: {:?}",
         String::from_utf8_lossy(&answer)
     );
 }
@@ -1513,18 +1515,7 @@ async fn stalled_upload_is_the_clients_fault(protocol: Proto) {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "the client connection is closed after the 408: {closed:?}"
     );
-    let (_, status) = sidecar.get_json("/api/v1/secure-channel/status").await;
-    let connection = &status["connections"][0];
-    assert_eq!(connection["errors"], 0, "{connection}");
-    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
-    let after = sidecar
-        .client()
-        .get(sidecar.data_url("/after"))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(after.status(), 200, "the pool still serves");
-    assert_eq!(relay.count_path("/after"), 1);
+    assert_connection_unharmed(&relay, &sidecar).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
