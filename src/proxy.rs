@@ -127,12 +127,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let exchange = Arc::new(client_io::Exchange::default());
         let seen = exchange.clone();
         let service = service_fn(move |req| {
-            seen.request_started();
+            let started = seen.request_started();
             let p = p.clone();
-            let seen = seen.clone();
             async move {
                 let resp = handle(&p, req).await;
-                Ok::<_, Infallible>(resp.map(|body| client_io::Answered::new(body, seen)))
+                Ok::<_, Infallible>(resp.map(|body| client_io::Answered::new(body, started)))
             }
         });
         let io = client_io::ClientIo::new(

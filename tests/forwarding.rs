@@ -491,6 +491,62 @@ async fn client_certificate_is_presented_to_an_mtls_relay() {
 
 // ---- h2c ----
 
+/// An h2c connection with no stream in flight that reads and writes nothing for
+/// `listener.idle_timeout` is closed, also one whose preface never completes, so idle or
+/// stuck h2c clients cannot fill `max_connections` (before, they were kept for ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "idle_timeout", "500ms")
+    })
+    .await;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let empty_settings: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    for (what, bytes) in [
+        ("preface and SETTINGS", [PREFACE, empty_settings].concat()),
+        ("half a preface", PREFACE[..16].to_vec()),
+    ] {
+        let started = Instant::now();
+        let answer = exchange_until_closed(sidecar.data_addr(), &bytes).await;
+        let open_for = started.elapsed();
+        assert!(
+            open_for >= Duration::from_millis(450),
+            "{what}: closed after {open_for:?}, before listener.idle_timeout"
+        );
+        assert!(
+            !answer.starts_with(b"HTTP/1.1"),
+            "{what}: no HTTP/1.1 answer on an h2 connection: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+/// A stream in flight keeps its h2c connection past `idle_timeout`, and the connection
+/// serves on afterwards while it is used.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_stream_in_flight_outlasts_idle_timeout() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "idle_timeout", "500ms")
+    })
+    .await;
+    relay.set_fault(support::Fault::Delay(Duration::from_millis(1500)));
+    let client = support::h2c_client();
+    let response = client
+        .get(sidecar.data_url("/slow-h2c"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    relay.set_fault(support::Fault::None);
+    let again = client
+        .get(sidecar.data_url("/again-h2c"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(again.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn h2c_prior_knowledge_clients_are_served() {
     let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;

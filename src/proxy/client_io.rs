@@ -60,19 +60,28 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// Called by the handler for every request hyper hands it.
-    pub fn request_started(&self) {
+    /// Called by the handler for every request hyper hands it. The request counts as done
+    /// when the returned guard drops: with its answer's body ([`Answered`]), or with the
+    /// handler if hyper gives the request up first (an h2 client resetting its stream).
+    pub fn request_started(self: &std::sync::Arc<Self>) -> Started {
         self.calls.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Called when hyper drops an answer's body ([`Answered`]).
-    fn answer_done(&self) {
-        self.done.fetch_add(1, Ordering::Relaxed);
+        Started(self.clone())
     }
 
     /// The socket of a connection that ended while a request head was half read.
     pub fn take_stalled(&self) -> Option<TcpStream> {
         self.stalled.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// One request of a connection, from [`Exchange::request_started`] until hyper is done with
+/// its answer.
+#[derive(Debug)]
+pub struct Started(std::sync::Arc<Exchange>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.0.done.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -212,7 +221,14 @@ impl ClientIo {
         self.done_at_write = done_before;
         self.partial_write = written < offered;
         self.read_since_write = false;
-        self.idle_deadline = None;
+        self.idle_deadline = self.h2_idle_deadline();
+    }
+
+    /// HTTP/2: the idle deadline from now, set eagerly on every read and write (hyper's h2
+    /// server does not poll the socket again after a write, so a deadline left to the next
+    /// read would start late). HTTP/1.1: `None`, read at the next wait (see `poll_clock`).
+    fn h2_idle_deadline(&self) -> Option<Instant> {
+        self.h2.then(|| Instant::now() + self.timeouts.idle)
     }
 
     fn done(&self) -> u64 {
@@ -232,9 +248,11 @@ impl ClientIo {
 
     /// With the socket not readable: whether the clock of the current phase ran out.
     fn poll_clock(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if self.h2 {
+            return self.poll_h2_idle_clock(cx);
+        }
         let phase = self.phase();
         let deadline = match phase {
-            _ if self.h2 => return Poll::Pending,
             Phase::Busy => return Poll::Pending,
             Phase::Head => *self
                 .head_deadline
@@ -243,6 +261,34 @@ impl ClientIo {
                 .idle_deadline
                 .get_or_insert_with(|| Instant::now() + self.timeouts.idle),
         };
+        ready!(self.poll_timer(cx, deadline));
+        if phase == Phase::Head {
+            self.exchange.head_timed_out.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(io::ErrorKind::TimedOut.into())
+    }
+
+    /// HTTP/2: a connection with no stream in flight that reads and writes nothing for
+    /// `idle_timeout` is closed: a client that keeps an unused connection, or one whose
+    /// preface never completes, cannot hold a place among `max_connections` for ever.
+    /// Streams in flight keep it open (their own deadlines rule them).
+    fn poll_h2_idle_clock(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            let deadline = *self
+                .idle_deadline
+                .get_or_insert_with(|| Instant::now() + self.timeouts.idle);
+            ready!(self.poll_timer(cx, deadline));
+            if self.exchange.calls.load(Ordering::Relaxed) == self.done() {
+                return Poll::Ready(io::ErrorKind::TimedOut.into());
+            }
+            self.idle_deadline = Some(Instant::now() + self.timeouts.idle);
+        }
+    }
+
+    /// Whether `deadline` has passed, by the connection's one timer. The timer is reset only
+    /// for a deadline earlier than the one it is armed for; one armed earlier is re-armed
+    /// when it fires.
+    fn poll_timer(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         let timer = match &mut self.timer {
             Some(timer) => {
                 if self.armed.is_none_or(|armed| armed > deadline) {
@@ -260,16 +306,12 @@ impl ClientIo {
         loop {
             ready!(timer.as_mut().poll(cx));
             if self.armed.is_some_and(|armed| armed >= deadline) {
-                break;
+                return Poll::Ready(());
             }
             // It fired for an earlier deadline that has since moved on.
             timer.as_mut().reset(deadline);
             self.armed = Some(deadline);
         }
-        if phase == Phase::Head {
-            self.exchange.head_timed_out.store(true, Ordering::Relaxed);
-        }
-        Poll::Ready(io::ErrorKind::TimedOut.into())
     }
 
     /// After a write that made progress (`Ready`) or none (`Pending`): whether the client
@@ -363,7 +405,10 @@ impl ClientIo {
             self.first_read = false;
             self.h2 = is_h2_preface(bytes);
         }
-        if self.phase() == Phase::Idle {
+        if self.h2 {
+            // Any frame from the client restarts the idle clock.
+            self.idle_deadline = self.h2_idle_deadline();
+        } else if self.phase() == Phase::Idle {
             // The first bytes of a new request head: its clock starts (read lazily).
             self.head_deadline = None;
         }
@@ -541,18 +586,16 @@ pub fn hyper_error_status(head: &[u8]) -> Option<(StatusCode, &[u8])> {
 #[derive(Debug)]
 pub struct Answered<B> {
     body: B,
-    exchange: std::sync::Arc<Exchange>,
+    /// Counts the request done when the body is dropped.
+    _started: Started,
 }
 
 impl<B> Answered<B> {
-    pub fn new(body: B, exchange: std::sync::Arc<Exchange>) -> Self {
-        Answered { body, exchange }
-    }
-}
-
-impl<B> Drop for Answered<B> {
-    fn drop(&mut self) {
-        self.exchange.answer_done();
+    pub fn new(body: B, started: Started) -> Self {
+        Answered {
+            body,
+            _started: started,
+        }
     }
 }
 
