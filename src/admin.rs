@@ -117,9 +117,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: watc
         let exchange = Arc::new(client_io::Exchange::default());
         let seen = exchange.clone();
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-            seen.request_started();
+            // Done when the answer is made (admin answers are small and whole).
+            let started = seen.request_started();
             let s = s.clone();
-            async move { Ok::<_, Infallible>(route(&s, req.method(), req.uri(), req.headers())) }
+            async move {
+                let answer = route(&s, req.method(), req.uri(), req.headers());
+                drop(started);
+                Ok::<_, Infallible>(answer)
+            }
         });
         let io = client_io::ClientIo::new(stream, exchange.clone(), None, ADMIN_TIMEOUTS);
         let conn = graceful.watch(

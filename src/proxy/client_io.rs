@@ -63,6 +63,7 @@ impl Exchange {
     /// Called by the handler for every request hyper hands it. The request counts as done
     /// when the returned guard drops: with its answer's body ([`Answered`]), or with the
     /// handler if hyper gives the request up first (an h2 client resetting its stream).
+    #[must_use = "the request counts as done when the guard drops"]
     pub fn request_started(self: &std::sync::Arc<Self>) -> Started {
         self.calls.fetch_add(1, Ordering::Relaxed);
         Started(self.clone())
