@@ -601,15 +601,49 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     guard: Option<InFlight>,
-    /// The stall clock: made at the first wait (a body that is always ready never makes
-    /// one), pushed back only after progress, so a fast stream costs no timer work per piece.
-    idle: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A piece arrived since the stall clock was last set.
-    progressed: bool,
+    stall: StallClock,
     /// Where failures of this body are counted (the pool slot's error counter).
     failures: Option<Arc<AtomicU64>>,
     /// The request body's pump (h2, streamed request bodies), stopped with this body.
     pump: Option<Pump>,
+}
+
+/// The stall clock of a body read from the relay: made at the first wait (a body that is
+/// always ready never makes one), pushed back only after progress, so a fast stream costs no
+/// timer work per piece.
+#[derive(Default)]
+pub(super) struct StallClock {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A piece arrived since the clock was last set.
+    progressed: bool,
+}
+
+impl StallClock {
+    /// A piece of the body arrived.
+    pub(super) fn progressed(&mut self) {
+        self.progressed = true;
+    }
+
+    /// With the body not ready: whether nothing has arrived for `limit`. Sets the clock, or
+    /// pushes it back after progress, first.
+    pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>, limit: Duration) -> bool {
+        let progressed = std::mem::take(&mut self.progressed);
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if progressed {
+                    sleep.as_mut().reset(Instant::now() + limit);
+                }
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// The body ended: no timer is kept.
+    fn stop(&mut self) {
+        self.sleep = None;
+    }
 }
 
 /// A relay that went quiet in the middle of a response body.
@@ -633,8 +667,7 @@ impl ResponseBody {
         ResponseBody {
             inner,
             guard: Some(guard),
-            idle: None,
-            progressed: false,
+            stall: StallClock::default(),
             failures: None,
             pump: None,
         }
@@ -650,8 +683,7 @@ impl ResponseBody {
         ResponseBody {
             inner,
             guard: None,
-            idle: None,
-            progressed: false,
+            stall: StallClock::default(),
             failures: None,
             pump: None,
         }
@@ -671,7 +703,7 @@ impl ResponseBody {
     fn finish(&mut self) {
         self.inner = Inner::Done;
         self.guard = None;
-        self.idle = None;
+        self.stall.stop();
     }
 
     fn fail(&mut self) {
@@ -715,17 +747,7 @@ impl ResponseBody {
     /// Whether the stall clock has run out; sets or pushes it back first.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
         let limit = self.guard.as_ref()?.conn.body_idle_timeout;
-        let progressed = std::mem::take(&mut self.progressed);
-        let sleep = match &mut self.idle {
-            Some(sleep) => {
-                if progressed {
-                    sleep.as_mut().reset(Instant::now() + limit);
-                }
-                sleep
-            }
-            None => self.idle.insert(Box::pin(tokio::time::sleep(limit))),
-        };
-        sleep.as_mut().poll(cx).is_ready().then_some(limit)
+        self.stall.poll_expired(cx, limit).then_some(limit)
     }
 }
 
@@ -747,7 +769,7 @@ impl Body for ResponseBody {
         };
         match &polled {
             Some(Ok(frame)) => {
-                this.progressed = true;
+                this.stall.progressed();
                 if let Some(d) = frame.data_ref() {
                     this.count(d.len());
                 }

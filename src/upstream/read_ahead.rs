@@ -21,9 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
 
-use super::connection::{BodyStalled, BoxError};
+use super::connection::{BodyStalled, BoxError, StallClock};
 
 /// Answers of a known length up to this size go straight through: the sockets between the
 /// sidecar and its client take them whole, so the relay connection is free at once anyway.
@@ -128,8 +127,7 @@ where
         shared: shared.clone(),
         link,
         stall,
-        clock: None,
-        progressed: false,
+        clock: StallClock::default(),
     };
     tokio::spawn(async move {
         match std::future::poll_fn(|cx| pump.poll(cx)).await {
@@ -159,9 +157,7 @@ struct Pump<B, L> {
     shared: Arc<Shared>,
     link: L,
     stall: Duration,
-    /// The stall clock: made at the first wait, pushed back only after progress.
-    clock: Option<Pin<Box<Sleep>>>,
-    progressed: bool,
+    clock: StallClock,
 }
 
 impl<B, L> Drop for Pump<B, L> {
@@ -205,7 +201,7 @@ where
                 Poll::Ready(None) => return Poll::Ready(Ended::Whole),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Ended::Failed(e.into())),
                 Poll::Ready(Some(Ok(frame))) => {
-                    self.progressed = true;
+                    self.clock.progressed();
                     let n = frame.data_ref().map_or(0, Bytes::len);
                     self.link.received(n);
                     let mut s = self.shared.lock();
@@ -222,20 +218,10 @@ where
 
     /// Pending, unless the relay has been quiet for longer than `stall`.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
-        let limit = self.stall;
-        let progressed = std::mem::take(&mut self.progressed);
-        let clock = match &mut self.clock {
-            Some(clock) => {
-                if progressed {
-                    clock.as_mut().reset(Instant::now() + limit);
-                }
-                clock
-            }
-            None => self.clock.insert(Box::pin(tokio::time::sleep(limit))),
-        };
-        match clock.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Ended::Failed(Box::new(BodyStalled(limit)))),
-            Poll::Pending => Poll::Pending,
+        if self.clock.poll_expired(cx, self.stall) {
+            Poll::Ready(Ended::Failed(Box::new(BodyStalled(self.stall))))
+        } else {
+            Poll::Pending
         }
     }
 }
