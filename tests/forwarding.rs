@@ -1235,6 +1235,20 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
 
 // ---- bad relay certificate ----
 
+/// Sends GET `path` until the sidecar answers 502 (the pool has tried the relay), and returns
+/// the JSON error's detail.
+async fn eventually_502_detail(sidecar: &Sidecar, path: &str, what: &str) -> String {
+    let client = support::client();
+    let (status, body) = support::eventually(support::EVENTUALLY, what, || async {
+        let response = client.get(sidecar.data_url(path)).send().await.ok()?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.ok()?;
+        (status == 502).then_some((status, body))
+    })
+    .await;
+    assert_json_error(status, &body).1
+}
+
 async fn bad_certificate_gets_502(identity: support::Identity, problem_words: &[&str]) {
     let pki = support::Pki::new();
     let relay = Relay::builder()
@@ -1243,19 +1257,7 @@ async fn bad_certificate_gets_502(identity: support::Identity, problem_words: &[
         .start()
         .await;
     let sidecar = Sidecar::builder().relay(&relay).start().await;
-    let client = support::client();
-    let (status, body) = support::eventually(
-        support::EVENTUALLY,
-        "a 502 for the bad certificate",
-        || async {
-            let response = client.get(sidecar.data_url("/never")).send().await.ok()?;
-            let status = response.status().as_u16();
-            let body = response.bytes().await.ok()?;
-            (status == 502).then_some((status, body))
-        },
-    )
-    .await;
-    let (_, detail) = assert_json_error(status, &body);
+    let detail = eventually_502_detail(&sidecar, "/never", "a 502 for the bad certificate").await;
     let detail = detail.to_lowercase();
     assert!(
         detail.contains("certificate"),
@@ -1305,19 +1307,8 @@ async fn a_replaced_ca_file_is_trusted_without_a_restart() {
     );
     let ca_file = builder.write_file("ca.pem", other.ca_pem().as_bytes(), 0o644);
     let sidecar = builder.ca_file(&ca_file).start().await;
-    let client = support::client();
-    let (status, body) = support::eventually(
-        support::EVENTUALLY,
-        "a 502 while the relay is not trusted",
-        || async {
-            let response = client.get(sidecar.data_url("/x")).send().await.ok()?;
-            let status = response.status().as_u16();
-            let body = response.bytes().await.ok()?;
-            (status == 502).then_some((status, body))
-        },
-    )
-    .await;
-    let (_, detail) = assert_json_error(status, &body);
+    let detail =
+        eventually_502_detail(&sidecar, "/x", "a 502 while the relay is not trusted").await;
     // Another CA of the same name: the relay's certificate fails its signature check.
     assert!(detail.contains("relay certificate rejected"), "{detail}");
     assert_eq!(sidecar.admin_status("/ready").await, Some(503));
@@ -1329,6 +1320,7 @@ async fn a_replaced_ca_file_is_trusted_without_a_restart() {
     };
     replace(relay.pki().ca_pem().as_bytes());
     sidecar.wait_admin_status("/ready", 200).await;
+    let client = support::client();
     let answer = client
         .get(sidecar.data_url("/status/200"))
         .send()
@@ -1380,16 +1372,7 @@ async fn relay_certificate_for_another_name_gets_502_naming_the_problem() {
         .start()
         .await;
     let sidecar = Sidecar::builder().relay(&relay).start().await;
-    let client = support::client();
-    let (status, body) =
-        support::eventually(support::EVENTUALLY, "a 502 for the wrong name", || async {
-            let response = client.get(sidecar.data_url("/never")).send().await.ok()?;
-            let status = response.status().as_u16();
-            let body = response.bytes().await.ok()?;
-            (status == 502).then_some((status, body))
-        })
-        .await;
-    let (_, detail) = assert_json_error(status, &body);
+    let detail = eventually_502_detail(&sidecar, "/never", "a 502 for the wrong name").await;
     let detail = detail.to_lowercase();
     assert!(detail.contains("certificate"), "{detail}");
     assert!(
