@@ -257,16 +257,7 @@ fn assert_all_answered(
 
 /// The value of one sample line of the Prometheus text exposition (0 when absent).
 async fn metric(sidecar: &Sidecar, sample: &str) -> f64 {
-    let text = sidecar
-        .client()
-        .get(sidecar.admin_url("/metrics"))
-        .header("accept", "text/plain")
-        .send()
-        .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("/metrics is text");
+    let text = sidecar.metrics_text().await;
     text.lines()
         .filter_map(|line| line.strip_prefix(sample))
         .filter_map(|rest| rest.trim().parse::<f64>().ok())

@@ -421,11 +421,9 @@ impl Sidecar {
         (status, document)
     }
 
-    /// The value of one sample of `/metrics` in the Prometheus text format, named with its
-    /// labels as exposed (`name{label="v"}`); panics when it is missing.
-    pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self
-            .client
+    /// `/metrics` in the Prometheus text format.
+    pub async fn metrics_text(&self) -> String {
+        self.client
             .get(self.admin_url("/metrics"))
             .header("accept", "text/plain")
             .send()
@@ -433,7 +431,13 @@ impl Sidecar {
             .expect("/metrics answers")
             .text()
             .await
-            .expect("the metrics text");
+            .expect("the metrics text")
+    }
+
+    /// The value of one sample of `/metrics` in the Prometheus text format, named with its
+    /// labels as exposed (`name{label="v"}`); panics when it is missing.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
             .and_then(|value| value.trim().parse().ok())
