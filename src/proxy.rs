@@ -102,7 +102,6 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.listener.max_header_bytes.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(1024);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown.clone();
     loop {
         // Bound live connections: wait for a free place before accepting more.
@@ -146,7 +145,13 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let mut stop = shutdown.clone();
+        let conn = client_io::Served::new(
+            conn,
+            |conn| conn.graceful_shutdown(),
+            exchange.clone(),
+            async move { crate::shutdown::triggered(&mut stop).await },
+        );
         let metrics = plane.metrics.clone();
         let header_read_timeout = cfg.listener.header_read_timeout;
         tokio::spawn(async move {
@@ -160,7 +165,9 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
     }
     drop(listener);
     info!("data listener closed; draining in-flight requests");
-    if tokio::time::timeout(cfg.listener.drain_timeout, graceful.shutdown())
+    // Every connection holds a permit until it is gone: all of them back means drained.
+    let all = u32::try_from(cfg.listener.max_connections.get()).unwrap_or(u32::MAX);
+    if tokio::time::timeout(cfg.listener.drain_timeout, limit.acquire_many(all))
         .await
         .is_err()
     {

@@ -518,7 +518,65 @@ async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
             "{what}: no HTTP/1.1 answer on an h2 connection: {:?}",
             String::from_utf8_lossy(&answer)
         );
+        if what == "preface and SETTINGS" {
+            // A connection past its preface is told before it is closed: GOAWAY, NO_ERROR.
+            let frames = h2_frames(&answer);
+            let goaway = frames
+                .iter()
+                .find(|(kind, _)| *kind == 7)
+                .unwrap_or_else(|| panic!("{what}: a GOAWAY frame before the close: {frames:?}"));
+            assert_eq!(
+                goaway.1.get(4..8),
+                Some(&[0u8, 0, 0, 0][..]),
+                "{what}: GOAWAY with NO_ERROR: {frames:?}"
+            );
+        }
     }
+}
+
+/// A real HTTP/2 client that stays idle past `idle_timeout` is sent GOAWAY (NO_ERROR): its
+/// connection ends cleanly and it knows why, rather than meeting a bare TCP close.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_h2c_client_is_sent_goaway_and_its_connection_ends_cleanly() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "idle_timeout", "500ms")
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready for a stream");
+    let request = http::Request::get(sidecar.data_url("/before-idle"))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent");
+    let response = response.await.expect("answered");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the idle connection ends")
+        .expect("connection task");
+    assert!(
+        ended.is_ok(),
+        "the connection ends without an error: {ended:?}"
+    );
+    let refused = client
+        .ready()
+        .await
+        .expect_err("no new stream after the sidecar's GOAWAY");
+    assert!(
+        refused.is_go_away() && refused.is_remote(),
+        "the sidecar said GOAWAY: {refused:?}"
+    );
+    assert_eq!(refused.reason(), Some(h2::Reason::NO_ERROR), "{refused:?}");
+    assert_eq!(relay.request_count(), 1);
 }
 
 /// A stream in flight keeps its h2c connection past `idle_timeout`, and the connection
@@ -801,6 +859,20 @@ async fn slow_client_headers_are_cut_off() {
 
 /// Writes `raw` on a new connection and reads until the sidecar closes it, which must happen
 /// within 5 s (unlike `support::raw_exchange`, a timeout fails the test).
+/// The HTTP/2 frames in `bytes` as (type, payload), up to the first incomplete one.
+fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let Some(payload) = bytes.get(9..9 + len) else {
+            break;
+        };
+        frames.push((bytes[3], payload.to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    frames
+}
+
 async fn exchange_until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)

@@ -57,6 +57,8 @@ pub struct Exchange {
     stalled: Mutex<Option<TcpStream>>,
     /// The connection ended because a request head missed `header_read_timeout`.
     head_timed_out: std::sync::atomic::AtomicBool,
+    /// An idle h2c connection wants to be shut down gracefully (GOAWAY); [`Served`] acts on it.
+    goaway: std::sync::atomic::AtomicBool,
 }
 
 impl Exchange {
@@ -73,6 +75,63 @@ impl Exchange {
     pub fn take_stalled(&self) -> Option<TcpStream> {
         self.stalled.lock().ok().and_then(|mut slot| slot.take())
     }
+
+    fn goaway_requested(&self) -> bool {
+        self.goaway.load(Ordering::Relaxed)
+    }
+}
+
+/// A served client connection: shut down gracefully when the listener drains (`stop`), or
+/// when its socket wrapper finds it idle on HTTP/2 ([`Exchange`]): hyper then sends GOAWAY
+/// and the connection ends once the client has seen it, as RFC 9113 §6.8 asks, rather than
+/// with a bare TCP close that a client sending a request at that moment could not tell
+/// from a failure. An HTTP/1.1 connection shut down while idle closes at once, one
+/// mid-request after its answer.
+pub struct Served<C> {
+    conn: Pin<Box<C>>,
+    /// Starts hyper's graceful shutdown of `conn`.
+    shut_down: fn(Pin<&mut C>),
+    exchange: std::sync::Arc<Exchange>,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    shutting_down: bool,
+}
+
+impl<C> Served<C> {
+    pub fn new(
+        conn: C,
+        shut_down: fn(Pin<&mut C>),
+        exchange: std::sync::Arc<Exchange>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        Served {
+            conn: Box::pin(conn),
+            shut_down,
+            exchange,
+            stop: Box::pin(stop),
+            shutting_down: false,
+        }
+    }
+}
+
+impl<C: Future> Future for Served<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        loop {
+            if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            if this.shutting_down
+                || !(this.exchange.goaway_requested() || this.stop.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Pending;
+            }
+            // Shut down, then poll again so the GOAWAY (or the close) goes out now.
+            this.shutting_down = true;
+            (this.shut_down)(this.conn.as_mut());
+        }
+    }
 }
 
 /// One request of a connection, from [`Exchange::request_started`] until hyper is done with
@@ -85,6 +144,9 @@ impl Drop for Started {
         self.0.done.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// How long an idle HTTP/2 client has, after GOAWAY, to close its side before it is cut off.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// The connection's clocks: `listener.header_read_timeout` and `listener.idle_timeout`.
 #[derive(Debug, Clone, Copy)]
@@ -227,8 +289,12 @@ impl ClientIo {
 
     /// HTTP/2: the idle deadline from now, set eagerly on every read and write (hyper's h2
     /// server does not poll the socket again after a write, so a deadline left to the next
-    /// read would start late). HTTP/1.1: `None`, read at the next wait (see `poll_clock`).
+    /// read would start late). After GOAWAY the grace deadline stands. HTTP/1.1: `None`,
+    /// read at the next wait (see `poll_clock`).
     fn h2_idle_deadline(&self) -> Option<Instant> {
+        if self.h2 && self.exchange.goaway_requested() {
+            return self.idle_deadline;
+        }
         self.h2.then(|| Instant::now() + self.timeouts.idle)
     }
 
@@ -270,19 +336,28 @@ impl ClientIo {
     }
 
     /// HTTP/2: a connection with no stream in flight that reads and writes nothing for
-    /// `idle_timeout` is closed: a client that keeps an unused connection, or one whose
+    /// `idle_timeout` is shut down: a client that keeps an unused connection, or one whose
     /// preface never completes, cannot hold a place among `max_connections` for ever.
     /// Streams in flight keep it open (their own deadlines rule them).
+    ///
+    /// The first time, the connection is asked to shut down gracefully ([`Served`] sends
+    /// GOAWAY and a PING; it ends when the client answers). A client that still holds it,
+    /// silent, for another `idle_timeout` (at most [`GOAWAY_GRACE`]) is cut off.
     fn poll_h2_idle_clock(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
             let deadline = *self
                 .idle_deadline
                 .get_or_insert_with(|| Instant::now() + self.timeouts.idle);
             ready!(self.poll_timer(cx, deadline));
-            if self.exchange.calls.load(Ordering::Relaxed) == self.done() {
+            let now = Instant::now();
+            if self.exchange.calls.load(Ordering::Relaxed) != self.done() {
+                self.idle_deadline = Some(now + self.timeouts.idle);
+            } else if self.exchange.goaway_requested() {
                 return Poll::Ready(io::ErrorKind::TimedOut.into());
+            } else {
+                self.exchange.goaway.store(true, Ordering::Relaxed);
+                self.idle_deadline = Some(now + self.timeouts.idle.min(GOAWAY_GRACE));
             }
-            self.idle_deadline = Some(Instant::now() + self.timeouts.idle);
         }
     }
 
