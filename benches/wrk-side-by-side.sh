@@ -18,7 +18,9 @@
 #
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
-# CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000),
+# CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000), POOL_SIZES
+# (empty; e.g. "1 2 8": one more default sidecar per size, named sidecar-pool-N, whose
+# `pool.size` is N instead of 4),
 # RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores).
@@ -102,7 +104,7 @@ peer() { # NAME WORKERS PORT
         }
     }"
 }
-sidecar() { # NAME WORKER_THREADS PORT
+sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE]
     mkdir -p "$dir/$1"
     cat >"$dir/$1/sidecar.toml" <<EOF
 [listener]
@@ -114,6 +116,8 @@ endpoint = "127.0.0.1:$relay_port"
 server_name = "relay.test"
 ca_file = "$dir/ca.pem"
 auth_token_file = "$dir/token"
+[pool]
+size = ${4:-4}
 [runtime]
 worker_threads = $2
 EOF
@@ -128,6 +132,14 @@ sidecar sidecar 1 $((base + 30))
 sidecar sidecar-per-core 0 $((base + 40))
 declare -A port=([nginx-auto]=$((base + 10)) [nginx-1]=$((base + 20)) [sidecar]=$((base + 30))
     [sidecar-per-core]=$((base + 40)))
+offset=50
+for size in ${POOL_SIZES:-}; do
+    [[ $size =~ ^[1-9][0-9]*$ ]] || { echo "wrk-side-by-side: POOL_SIZES: $size is not a pool size" >&2; exit 2; }
+    names+=("sidecar-pool-$size")
+    port[sidecar-pool-$size]=$((base + offset))
+    sidecar "sidecar-pool-$size" 1 $((base + offset)) "$size"
+    offset=$((offset + 10))
+done
 procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar
     case $1 in
     nginx* | relay) local master; master=$(cat "$dir/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
@@ -218,7 +230,7 @@ mean = {k: {m: statistics.mean(v[m]) for m in ("rps", "p99", "cpu", "relay", "rr
 for k, v in agg.items():
     print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f} {mean[k]['pre']:13.3f} {mean[k]['idle']:6.1f} {mean[k]['wrk']:13.3f} {mean[k]['all']:13.3f}")
 print("\nratios (mean over rounds)")
-for s in ("sidecar", "sidecar-per-core"):
+for s in [k for k in mean if k.startswith("sidecar")]:
     for n in ("nginx-auto", "nginx-1"):
         r = {m: mean[s][m] / mean[n][m] for m in ("rps", "p99", "cpu")}
         print(f"  {s} / {n:10}  req/s {r['rps']:.2f}  p99 {r['p99']:.2f}  CPU/request {r['cpu']:.2f}")
