@@ -341,6 +341,9 @@ impl Upstream {
         // Attempts the relay refused in an orderly way; they do not count against
         // `retry.max_attempts` (up to MAX_REFUSED_RETRIES).
         let mut refusals = 0u32;
+        // The last attempt's failure, when it reached the relay: what the client is told if
+        // the retry then finds no usable connection (that 503 would hide what happened).
+        let mut previous: Option<UpstreamError> = None;
         loop {
             attempt += 1;
             let now = Instant::now();
@@ -386,6 +389,11 @@ impl Upstream {
                 idempotent,
                 replayable.is_some(),
             );
+            if err.is_unavailable()
+                && let Some(previous) = previous
+            {
+                return Err(previous);
+            }
             if verdict != Verdict::Retry || err.is_unavailable() {
                 return Err(err);
             }
@@ -409,6 +417,8 @@ impl Upstream {
             });
             debug!(attempt, error = %err, "retrying on another connection");
             exclude = slot;
+            // After an orderly refusal, finding no connection is the honest answer.
+            previous = (!err.is_refused()).then_some(err);
             if refused {
                 // Nothing is wrong with the relay: go again at once (the pool hands out a
                 // connection that is not going away, or waits for the replacement dial).

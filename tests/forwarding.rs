@@ -1683,3 +1683,99 @@ async fn a_client_that_stops_reading_is_cut_off_after_idle_timeout() {
     );
     drop(stream);
 }
+
+// ---- a relay that lies ----
+
+/// A TLS relay on `127.0.0.1:0` (the PKI's certificate, ALPN `http/1.1`) that reads each
+/// request head and writes `answer` in reply, whatever was asked; it keeps the connection.
+async fn lying_http1_relay(pki: &support::Pki, answer: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let identity = pki.server_identity();
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(identity.chain(), identity.key())
+        .expect("an rcgen identity is a valid rustls server identity");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    // One lie per request head (the sidecar's GETs carry no body).
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A relay whose answers are not valid HTTP (a status line that is not one, a
+/// `Content-Length` that is not a number, two lengths that disagree) costs the client a
+/// 502 JSON error that says the relay's answer was bad, never a hang, a crash or a
+/// forwarded lie; the sidecar stays healthy and keeps serving its admin API.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_answering_invalid_http_gets_a_502_naming_the_bad_answer() {
+    for (what, lie) in [
+        ("not HTTP at all", &b"SPRINT OK\r\n\r\n"[..]),
+        (
+            "a Content-Length that is not a number",
+            &b"HTTP/1.1 200 OK\r\ncontent-length: lots\r\n\r\n{}"[..],
+        ),
+        (
+            "two Content-Lengths that disagree",
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 9\r\n\r\n{}"[..],
+        ),
+    ] {
+        let pki = support::Pki::new();
+        let addr = lying_http1_relay(&pki, lie).await;
+        let sidecar = Sidecar::builder()
+            .endpoint(&addr.to_string())
+            .server_name("relay.test")
+            .pki(pki.clone())
+            .pool_size(1)
+            .start()
+            .await;
+        sidecar.wait_ready().await;
+        // A GET is retried (idempotent); with the one connection gone, the client is told
+        // what the relay did, not that no connection was left. A POST is not retried.
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            // The lie cost the connection; its replacement is dialed after a backoff step.
+            sidecar.wait_ready().await;
+            let response = support::client()
+                .request(method.clone(), sidecar.data_url("/lie"))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{what}, {method}: the client gets an answer: {e}"));
+            let status = response.status().as_u16();
+            let body = response.bytes().await.expect("body");
+            let (error, detail) = assert_json_error(status, &body);
+            assert_eq!(status, 502, "{what}, {method}: {error}: {detail}");
+            assert_eq!(error, "upstream_failed", "{what}, {method}: {detail}");
+            assert!(
+                detail.contains("relay connection failed: invalid"),
+                "{what}, {method}: the detail says the relay's answer was invalid: {detail}"
+            );
+        }
+        assert_eq!(sidecar.admin_status("/health").await, Some(200), "{what}");
+    }
+}

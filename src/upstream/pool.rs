@@ -759,9 +759,15 @@ async fn supervise(
                             if let Some(t) = t {
                                 p.on_transition(&slot, t);
                             }
+                            let detail = if conn.stats.requests.load(Ordering::Relaxed) > 0 {
+                                // It carried a request, and ended without a valid answer.
+                                "relay connection failed on its first request"
+                            } else {
+                                "relay closed the connection before it served a request"
+                            };
                             if let Ok(mut last) = slot.last_error.lock() {
                                 *last = Some(DialError {
-                                    detail: "relay closed the connection before it served a request".into(),
+                                    detail: detail.into(),
                                     certificate: false,
                                     timeout: false,
                                 });
