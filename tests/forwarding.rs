@@ -491,15 +491,20 @@ async fn client_certificate_is_presented_to_an_mtls_relay() {
 
 // ---- h2c ----
 
+/// A relay speaking h2 and a sidecar whose `listener.idle_timeout` is 500 ms.
+async fn start_with_short_idle_timeout() -> (Relay, Sidecar) {
+    start(Proto::H2, |sidecar| {
+        sidecar.set_str("listener", "idle_timeout", "500ms")
+    })
+    .await
+}
+
 /// An h2c connection with no stream in flight that reads and writes nothing for
 /// `listener.idle_timeout` is closed, also one whose preface never completes, so idle or
 /// stuck h2c clients cannot fill `max_connections` (before, they were kept for ever).
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("listener", "idle_timeout", "500ms")
-    })
-    .await;
+    let (_relay, sidecar) = start_with_short_idle_timeout().await;
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let empty_settings: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
     for (what, bytes) in [
@@ -538,10 +543,7 @@ async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
 /// connection ends cleanly and it knows why, rather than meeting a bare TCP close.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_h2c_client_is_sent_goaway_and_its_connection_ends_cleanly() {
-    let (relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("listener", "idle_timeout", "500ms")
-    })
-    .await;
+    let (relay, sidecar) = start_with_short_idle_timeout().await;
     let tcp = tokio::net::TcpStream::connect(sidecar.data_addr())
         .await
         .expect("the data listener accepts connections");
@@ -583,10 +585,7 @@ async fn an_idle_h2c_client_is_sent_goaway_and_its_connection_ends_cleanly() {
 /// serves on afterwards while it is used.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_h2c_stream_in_flight_outlasts_idle_timeout() {
-    let (relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("listener", "idle_timeout", "500ms")
-    })
-    .await;
+    let (relay, sidecar) = start_with_short_idle_timeout().await;
     relay.set_fault(support::Fault::Delay(Duration::from_millis(1500)));
     let client = support::h2c_client();
     let response = client
