@@ -247,6 +247,9 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
             "CONNECT is not supported: send plain HTTP requests to the sidecar",
         ));
     }
+    if let Some((status, error, detail)) = refuse_framing(&req) {
+        return local(json_error(status, error, detail));
+    }
     let sizes = HeadSizes::of(&req);
     if sizes.head > cfg.listener.max_header_bytes {
         return local(json_error(
@@ -486,6 +489,71 @@ impl HeadSizes {
     }
 }
 
+/// What RFC 9112 requires a server to refuse and hyper leaves to its user:
+/// - an HTTP/1.1 request without `Host`, any request with more than one, or a `Host` that is
+///   not `host[:port]` (§3.2: 400);
+/// - a transfer coding other than `chunked` (§6.1: 501). hyper decodes the chunked framing of
+///   `gzip, chunked` and hands over the still-gzipped bytes; forwarded without the
+///   hop-by-hop `Transfer-Encoding`, the relay would take them for the plain body.
+///
+/// nginx answers all of these the same way.
+fn refuse_framing<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, &'static str)> {
+    let bad = |detail| Some((StatusCode::BAD_REQUEST, "bad_request", detail));
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return bad("more than one Host header"),
+        (None, None) if req.version() == http::Version::HTTP_11 => {
+            return bad("an HTTP/1.1 request needs a Host header");
+        }
+        (Some(host), None) if !valid_host(host.as_bytes()) => {
+            return bad("the Host header is not a host with an optional port");
+        }
+        _ => {}
+    }
+    let other_coding = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"));
+    other_coding.then_some((
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "the request uses a transfer coding other than chunked, which the sidecar cannot decode",
+    ))
+}
+
+/// `Host = uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name or an
+/// IPv4 address, or an IPv6 address in brackets, then optionally `:` and digits. Empty is
+/// allowed (a target without an authority).
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        Some(b'[') => match value.iter().position(|b| *b == b']') {
+            Some(end) => (&value[1..end], &value[end + 1..]),
+            None => return false,
+        },
+        _ => match value.iter().rposition(|b| *b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &[][..]),
+        },
+    };
+    let in_brackets = value.first() == Some(&b'[');
+    let host_ok = host.iter().all(|b| {
+        if in_brackets {
+            b.is_ascii_hexdigit() || *b == b':' || *b == b'.'
+        } else {
+            b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b)
+        }
+    });
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok && !(in_brackets && host.is_empty())
+}
+
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let Some(first) = values.next() else {
@@ -663,6 +731,63 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE));
+    }
+
+    fn refusal(raw_head: &[(&str, &str)], version: http::Version) -> Option<u16> {
+        let mut req = Request::builder().uri("/x").version(version);
+        for (name, value) in raw_head {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(()).expect("a request");
+        refuse_framing(&req).map(|(status, _, _)| status.as_u16())
+    }
+
+    #[test]
+    fn host_must_be_one_host_with_an_optional_port() {
+        use http::Version;
+        for ok in [
+            "app",
+            "127.0.0.1:9090",
+            "[::1]:9090",
+            "[::1]",
+            "relay.test:443",
+            "app:",
+            "",
+        ] {
+            assert_eq!(refusal(&[("host", ok)], Version::HTTP_11), None, "{ok:?}");
+        }
+        for bad in [
+            "user@app", "a/b", "app:port", "[::1", "[::1]x", "[]", "a:1:2", "a b",
+        ] {
+            assert_eq!(
+                refusal(&[("host", bad)], Version::HTTP_11),
+                Some(400),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            refusal(&[], Version::HTTP_11),
+            Some(400),
+            "HTTP/1.1 needs one"
+        );
+        assert_eq!(refusal(&[], Version::HTTP_10), None, "HTTP/1.0 does not");
+        assert_eq!(refusal(&[], Version::HTTP_2), None, "h2 has :authority");
+        let two = [("host", "a"), ("host", "a")];
+        assert_eq!(refusal(&two, Version::HTTP_11), Some(400));
+        assert_eq!(refusal(&two, Version::HTTP_10), Some(400));
+    }
+
+    #[test]
+    fn only_the_chunked_transfer_coding_is_accepted() {
+        let v = http::Version::HTTP_11;
+        for ok in ["chunked", "Chunked", " chunked ", "chunked,"] {
+            let head = [("host", "app"), ("transfer-encoding", ok)];
+            assert_eq!(refusal(&head, v), None, "{ok:?}");
+        }
+        for other in ["gzip, chunked", "identity", "x-custom,chunked"] {
+            let head = [("host", "app"), ("transfer-encoding", other)];
+            assert_eq!(refusal(&head, v), Some(501), "{other:?}");
+        }
     }
 
     #[test]

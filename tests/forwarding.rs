@@ -1157,6 +1157,90 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn requests_with_a_bad_host_or_transfer_coding_are_refused_and_never_reach_the_relay() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let refused: [(&str, &[u8], u16, &str); 5] = [
+        (
+            "HTTP/1.1 without Host",
+            b"GET /refused HTTP/1.1\r\nConnection: close\r\n\r\n",
+            400,
+            "Host",
+        ),
+        (
+            "two Host headers",
+            b"GET /refused HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            400,
+            "Host",
+        ),
+        (
+            "user info in Host",
+            b"GET /refused HTTP/1.1\r\nHost: user@app\r\nConnection: close\r\n\r\n",
+            400,
+            "Host",
+        ),
+        (
+            "a port that is not a number",
+            b"GET /refused HTTP/1.1\r\nHost: app:http\r\nConnection: close\r\n\r\n",
+            400,
+            "Host",
+        ),
+        (
+            // hyper decodes the chunks and would hand over gzip bytes as the plain body
+            "gzip under chunked",
+            b"POST /refused HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: gzip, chunked\r\n\
+              Connection: close\r\n\r\n\
+              2\r\n{}\r\n0\r\n\r\n",
+            501,
+            "transfer coding",
+        ),
+    ];
+    for (what, raw, status, named) in refused {
+        let answer = support::raw_exchange(sidecar.data_addr(), raw, Duration::from_secs(2)).await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(status),
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let (_, detail) = assert_json_error(status, support::raw_body(&answer));
+        assert!(detail.contains(named), "{what}: {detail}");
+    }
+    assert_eq!(
+        relay.count_path("/refused"),
+        0,
+        "nothing refused reaches the relay"
+    );
+
+    // What the same checks let through.
+    let accepted: [(&str, &[u8]); 4] = [
+        ("HTTP/1.0 without Host", b"GET /accepted HTTP/1.0\r\n\r\n"),
+        (
+            "an IPv6 Host with a port",
+            b"GET /accepted HTTP/1.1\r\nHost: [::1]:9090\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "an empty Host",
+            b"GET /accepted HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "chunked alone",
+            b"POST /accepted HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, raw) in accepted {
+        let answer = support::raw_exchange(sidecar.data_addr(), raw, Duration::from_secs(5)).await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(200),
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(relay.count_path("/accepted"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http_1_0_clients_get_keep_alive_when_they_ask_and_a_close_when_they_do_not() {
     // `ab -k` and other HTTP/1.0 clients: an HTTP/1.0 connection stays open only when the
     // answer says `Connection: keep-alive`, whatever protocol the relay spoke.
