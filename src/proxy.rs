@@ -497,7 +497,7 @@ impl HeadSizes {
 ///   hop-by-hop `Transfer-Encoding`, the relay would take them for the plain body.
 ///
 /// nginx answers all of these the same way.
-fn refuse_framing<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, &'static str)> {
+fn refuse_framing<B: Body>(req: &Request<B>) -> Option<(StatusCode, &'static str, &'static str)> {
     let bad = |detail| Some((StatusCode::BAD_REQUEST, "bad_request", detail));
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
@@ -509,6 +509,11 @@ fn refuse_framing<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, &'st
             return bad("the Host header is not a host with an optional port");
         }
         _ => {}
+    }
+    // A body of known length has no transfer coding (hyper frames a coded one as chunked,
+    // whose length is unknown): most requests skip the look-up.
+    if req.body().size_hint().exact().is_some() {
+        return None;
     }
     let other_coding = req
         .headers()
@@ -524,34 +529,49 @@ fn refuse_framing<B>(req: &Request<B>) -> Option<(StatusCode, &'static str, &'st
     ))
 }
 
+/// The bytes of a registered name or IPv4 address (RFC 3986 §3.2.2: unreserved,
+/// percent-encoded, sub-delims), as a table: the check runs on every request.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b'%')
+            || matches!(
+                c,
+                b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            );
+        b += 1;
+    }
+    table
+};
+
 /// `Host = uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name or an
 /// IPv4 address, or an IPv6 address in brackets, then optionally `:` and digits. Empty is
 /// allowed (a target without an authority).
 fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = match value.first() {
-        Some(b'[') => match value.iter().position(|b| *b == b']') {
-            Some(end) => (&value[1..end], &value[end + 1..]),
-            None => return false,
-        },
-        _ => match value.iter().rposition(|b| *b == b':') {
-            Some(colon) => (&value[..colon], &value[colon..]),
-            None => (value, &[][..]),
-        },
+    let (host_ok, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let address = &rest[..end];
+        let ok = !address.is_empty()
+            && address
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.');
+        (ok, &rest[end + 1..])
+    } else {
+        let colon = value.iter().rposition(|b| *b == b':');
+        let (host, port) = value.split_at(colon.unwrap_or(value.len()));
+        (host.iter().all(|b| REG_NAME[usize::from(*b)]), port)
     };
-    let in_brackets = value.first() == Some(&b'[');
-    let host_ok = host.iter().all(|b| {
-        if in_brackets {
-            b.is_ascii_hexdigit() || *b == b':' || *b == b'.'
-        } else {
-            b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b)
+    host_ok
+        && match port.split_first() {
+            None => true,
+            Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
         }
-    });
-    let port_ok = match port.split_first() {
-        None => true,
-        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
-        Some(_) => false,
-    };
-    host_ok && port_ok && !(in_brackets && host.is_empty())
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
@@ -733,12 +753,27 @@ mod tests {
         assert!(h.contains_key(header::TE));
     }
 
+    /// A body as hyper gives a chunked one: no known length.
+    struct UnknownLength;
+
+    impl Body for UnknownLength {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(None)
+        }
+    }
+
     fn refusal(raw_head: &[(&str, &str)], version: http::Version) -> Option<u16> {
         let mut req = Request::builder().uri("/x").version(version);
         for (name, value) in raw_head {
             req = req.header(*name, *value);
         }
-        let req = req.body(()).expect("a request");
+        let req = req.body(UnknownLength).expect("a request");
         refuse_framing(&req).map(|(status, _, _)| status.as_u16())
     }
 
