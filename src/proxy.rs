@@ -323,47 +323,9 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         idempotency_key,
     };
     let deadline = start + cfg.listener.request_deadline;
-    let body = if incoming.is_end_stream() {
-        OutgoingBody::Replayable(Bytes::new())
-    } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY_LIMIT) {
-        // Most small bodies came with the head: a first poll without a timer takes them.
-        let mut collect = std::pin::pin!(incoming.collect());
-        let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
-        let read = match first {
-            Poll::Ready(collected) => Ok(collected),
-            Poll::Pending => tokio::time::timeout_at(deadline, collect).await,
-        };
-        match read {
-            Ok(Ok(collected)) => {
-                let bytes = collected.to_bytes();
-                plane.metrics.bytes(bytes.len() as u64, 0);
-                OutgoingBody::Replayable(bytes)
-            }
-            Ok(Err(e)) => {
-                return local(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("reading the request body failed: {e}"),
-                ));
-            }
-            Err(_) => {
-                return local(json_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "the request body did not arrive before listener.request_deadline",
-                ));
-            }
-        }
-    } else {
-        let client = Arc::new(ClientBody::default());
-        let limited = LimitedBody {
-            inner: incoming,
-            seen: 0,
-            limit,
-            client: client.clone(),
-            metrics: plane.metrics.clone(),
-        };
-        OutgoingBody::Streaming(limited.boxed_unsync(), client)
+    let body = match client_body(plane, incoming, declared, deadline).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     match plane.upstream.send(head, body, deadline).await {
         Ok(resp) => {
@@ -386,6 +348,150 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         }
         Err(e) => error_response(&e),
     }
+}
+
+/// The request body as the upstream sends it, or the answer to a client whose body is bad.
+///
+/// - Nothing to read: an empty, replayable body.
+/// - A declared length up to [`REPLAYABLE_BODY_LIMIT`]: read whole (it usually came with the
+///   head, and a first poll without a timer takes it), so a failed attempt can be retried.
+/// - An unknown length (chunked, or h2c without `Content-Length`): what has already arrived
+///   is taken first. A small body that is all there is goes out whole, like a declared one;
+///   one that is malformed or too large is answered here and never reaches the relay (over
+///   HTTP/1.1, a body that fails after its head was sent costs the relay connection).
+/// - Otherwise streamed, sent once, checked against `listener.max_body_bytes` as it grows.
+async fn client_body(
+    plane: &DataPlane,
+    mut incoming: Incoming,
+    declared: Option<u64>,
+    deadline: Instant,
+) -> Result<OutgoingBody, Response<ProxyBody>> {
+    if incoming.is_end_stream() {
+        return Ok(OutgoingBody::Replayable(Bytes::new()));
+    }
+    let limit = plane.cfg.listener.max_body_bytes;
+    let (ahead, seen) = match declared {
+        Some(n) if n <= REPLAYABLE_BODY_LIMIT => {
+            let mut collect = std::pin::pin!(incoming.collect());
+            let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
+            let read = match first {
+                Poll::Ready(collected) => Ok(collected),
+                Poll::Pending => tokio::time::timeout_at(deadline, collect).await,
+            };
+            return match read {
+                Ok(Ok(collected)) => {
+                    let bytes = collected.to_bytes();
+                    plane.metrics.bytes(bytes.len() as u64, 0);
+                    Ok(OutgoingBody::Replayable(bytes))
+                }
+                Ok(Err(e)) => Err(local(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("reading the request body failed: {e}"),
+                ))),
+                Err(_) => Err(local(json_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive before listener.request_deadline",
+                ))),
+            };
+        }
+        Some(_) => (Vec::new(), 0),
+        None => match take_what_arrived(&mut incoming, limit, &plane.metrics).await? {
+            Arrived::Whole(bytes) => return Ok(OutgoingBody::Replayable(bytes)),
+            Arrived::Start(frames, seen) => (frames, seen),
+        },
+    };
+    let client = Arc::new(ClientBody::default());
+    let limited = LimitedBody {
+        ahead: ahead.into(),
+        inner: incoming,
+        seen,
+        limit,
+        client: client.clone(),
+        metrics: plane.metrics.clone(),
+    };
+    Ok(OutgoingBody::Streaming(limited.boxed_unsync(), client))
+}
+
+/// What had arrived of a body of unknown length when the client's connection had no more of
+/// it buffered.
+enum Arrived {
+    /// All of it, no larger than [`REPLAYABLE_BODY_LIMIT`].
+    Whole(Bytes),
+    /// Its first frames (and how many body bytes they hold); the rest follows from the client.
+    Start(Vec<Frame<Bytes>>, u64),
+}
+
+/// Reads the frames of `incoming` that are already there, without waiting for the client:
+/// when a poll finds nothing, the task yields once (hyper then moves what its connection has
+/// read into the body) and stops at the next poll that finds nothing. Stops as well past
+/// [`REPLAYABLE_BODY_LIMIT`] and at trailers (which only a streamed body carries on).
+/// A body error or one over `limit` (`listener.max_body_bytes`) is the client's: 400 or 413.
+async fn take_what_arrived(
+    incoming: &mut Incoming,
+    limit: u64,
+    metrics: &Metrics,
+) -> Result<Arrived, Response<ProxyBody>> {
+    let mut frames: Vec<Frame<Bytes>> = Vec::new();
+    let mut seen = 0u64;
+    let mut yielded = false;
+    loop {
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))).await;
+        let frame = match polled {
+            Poll::Pending if yielded => return Ok(Arrived::Start(frames, seen)),
+            Poll::Pending => {
+                yielded = true;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Poll::Ready(None) => break,
+            Poll::Ready(Some(Err(e))) => {
+                return Err(local(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "reading the request body failed: {}",
+                        describe_body_error(&e)
+                    ),
+                )));
+            }
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        yielded = false;
+        if let Some(data) = frame.data_ref() {
+            seen += data.len() as u64;
+            metrics.bytes(data.len() as u64, 0);
+            if seen > limit {
+                return Err(local(json_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
+                )));
+            }
+        }
+        let trailers = frame.is_trailers();
+        frames.push(frame);
+        if trailers || seen > REPLAYABLE_BODY_LIMIT {
+            return Ok(Arrived::Start(frames, seen));
+        }
+    }
+    let mut data = frames
+        .into_iter()
+        .filter_map(|frame| frame.into_data().ok());
+    let whole = match (data.next(), data.next()) {
+        (None, _) => Bytes::new(),
+        (Some(only), None) => only,
+        (Some(first), Some(second)) => {
+            let mut all = bytes::BytesMut::with_capacity(seen as usize);
+            for piece in [first, second].into_iter().chain(data) {
+                all.extend_from_slice(&piece);
+            }
+            all.freeze()
+        }
+    };
+    Ok(Arrived::Whole(whole))
 }
 
 /// The JSON answer of an upstream failure, with `Retry-After` on 503.
@@ -646,6 +752,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// A streamed client body that errors once it grows past `listener.max_body_bytes`
 /// (chunked bodies have no length to check up front).
 struct LimitedBody {
+    /// Frames already read from `inner` (see [`take_what_arrived`]), sent first.
+    ahead: std::collections::VecDeque<Frame<Bytes>>,
     inner: Incoming,
     seen: u64,
     limit: u64,
@@ -687,6 +795,9 @@ impl Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(frame) = this.ahead.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         this.client
             .waiting
@@ -712,11 +823,15 @@ impl Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.ahead.is_empty() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
     }
 }
 

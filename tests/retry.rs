@@ -267,3 +267,52 @@ async fn stalled_relay_gets_504_naming_the_timeout() {
     );
     assert_eq!(relay.count("GET", "/stalled"), 1);
 }
+
+/// A chunked body (no declared length) that arrives whole with its head is sent whole, so an
+/// idempotent request carrying it is retried like one with `Content-Length`; one larger than
+/// the replayable limit is streamed and sent once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_chunked_body_is_retried_whole_and_a_large_one_is_sent_once() {
+    let (relay, sidecar, _) = start(2, |sidecar| sidecar).await;
+    relay.set_fault(Fault::ResetAfterRequest);
+    let chunked = |path: &str, chunks: usize, chunk_len: usize| {
+        let mut raw = format!(
+            "PUT {path} HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .into_bytes();
+        for _ in 0..chunks {
+            raw.extend_from_slice(format!("{chunk_len:x}\r\n").as_bytes());
+            raw.extend(std::iter::repeat_n(b'x', chunk_len));
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\n\r\n");
+        raw
+    };
+    for (path, chunks, attempts) in [("/chunked/small", 3, 2), ("/chunked/large", 20, 1)] {
+        let answer = support::raw_exchange(
+            sidecar.data_addr(),
+            &chunked(path, chunks, 5000),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(502),
+            "{path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let records = records_for(&relay, path);
+        assert_eq!(records.len(), attempts, "{path} reached the relay");
+        for record in &records {
+            assert_eq!(
+                record.body_len,
+                chunks as u64 * 5000,
+                "{path}: the whole body"
+            );
+        }
+        relay
+            .wait_for_open_connections(2, support::EVENTUALLY)
+            .await;
+    }
+}
