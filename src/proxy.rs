@@ -387,7 +387,10 @@ async fn client_body(
                 Ok(Err(e)) => Err(local(json_error(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
-                    &format!("reading the request body failed: {e}"),
+                    &format!(
+                        "reading the request body failed: {}",
+                        describe_body_error(&e)
+                    ),
                 ))),
                 Err(_) => Err(local(json_error(
                     StatusCode::REQUEST_TIMEOUT,
