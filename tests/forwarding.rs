@@ -530,7 +530,7 @@ async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
             String::from_utf8_lossy(&answer)
         );
         if told {
-            let frames = h2_frames(&answer);
+            let frames = support::h2_frames(&answer);
             let goaway = frames
                 .iter()
                 .find(|(kind, _)| *kind == 7)
@@ -864,20 +864,6 @@ async fn slow_client_headers_are_cut_off() {
 
 /// Writes `raw` on a new connection and reads until the sidecar closes it, which must happen
 /// within 5 s (unlike `support::raw_exchange`, a timeout fails the test).
-/// The HTTP/2 frames in `bytes` as (type, payload), up to the first incomplete one.
-fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut frames = Vec::new();
-    while bytes.len() >= 9 {
-        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
-        let Some(payload) = bytes.get(9..9 + len) else {
-            break;
-        };
-        frames.push((bytes[3], payload.to_vec()));
-        bytes = &bytes[9 + len..];
-    }
-    frames
-}
-
 async fn exchange_until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)

@@ -1,8 +1,9 @@
 //! Bad input loses nothing: hundreds of mangled HTTP/1.1 requests (bytes flipped, inserted,
-//! deleted, lines repeated, heads cut short) sent to the real binary, in front of a real TLS
-//! relay. Each gets a well-formed answer (the relay's, or a JSON error) or a closed
-//! connection; none costs a relay connection, and the sidecar serves as before afterwards.
-//! The mutations come from a fixed seed, so a failure names a case that can be replayed.
+//! deleted, lines repeated, heads cut short) and mangled h2c frames sent to the real binary,
+//! in front of a real TLS relay. Each gets a well-formed answer (the relay's, a JSON error,
+//! an HTTP/2 GOAWAY or reset) or a closed connection; none costs a relay connection, and the
+//! sidecar serves as before afterwards. The mutations come from a fixed seed, so a failure
+//! names a case that can be replayed.
 
 mod support;
 
@@ -229,6 +230,151 @@ async fn mangled_requests_get_clean_answers_and_cost_the_relay_nothing(protocol:
         String::from_utf8_lossy(&answer)
     );
     assert_eq!(sidecar.admin_status("/ready").await, Some(200));
+    assert!(
+        !sidecar.logs_contain("panicked"),
+        "no panic in the sidecar's log"
+    );
+}
+
+/// The client side of an h2c exchange after the preface: an empty SETTINGS frame, then one
+/// request (`POST /h2c` with a 2-byte body) as a HEADERS and a DATA frame.
+fn h2c_request() -> Vec<u8> {
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = u32::try_from(payload.len()).expect("a small frame");
+        let mut bytes = len.to_be_bytes()[1..].to_vec();
+        bytes.extend_from_slice(&[kind, flags]);
+        bytes.extend_from_slice(&stream.to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    // HPACK: :method POST (static 3), :scheme http (6), :path from a literal (name 4),
+    // :authority "app" (literal, name 1), content-length "2" (literal, name 28).
+    let block = [
+        &[0x83, 0x86][..],
+        &[0x44, 0x04],
+        b"/h2c",
+        &[0x41, 0x03],
+        b"app",
+        &[0x5c, 0x01],
+        b"2",
+    ]
+    .concat();
+    [
+        frame(0x4, 0, 0, &[]),
+        frame(0x1, 0x4, 1, &block),
+        frame(0x0, 0x1, 1, b"{}"),
+    ]
+    .concat()
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the server's frames in `bytes` end the exchange: GOAWAY, RST_STREAM, or a frame of
+/// stream 1 with END_STREAM.
+fn h2_exchange_over(mut bytes: &[u8]) -> bool {
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let (kind, flags) = (bytes[3], bytes[4]);
+        let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff;
+        if kind == 0x7 || kind == 0x3 || (stream == 1 && kind <= 0x1 && flags & 0x1 != 0) {
+            return true;
+        }
+        let Some(rest) = bytes.get(9 + len..) else {
+            return false;
+        };
+        bytes = rest;
+    }
+    false
+}
+
+/// Sends `raw` on a new connection and reads the server's frames until the exchange is over
+/// (see [`h2_exchange_over`]), the server closes, or 1 s passes. The write side stays open:
+/// an HTTP/2 server takes a client's end of file for the end of the whole connection.
+async fn h2_exchange(addr: std::net::SocketAddr, raw: Vec<u8>) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the data listener accepts connections");
+    let _ = stream.write_all(&raw).await;
+    let mut answer = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 16 * 1024];
+    while !h2_exchange_over(&answer) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    answer
+}
+
+/// HTTP/2 with prior knowledge: after a valid preface, mangled frames (bytes flipped,
+/// inserted, deleted, cut) get a GOAWAY or a close, never a crash, and never cost the relay
+/// a connection; the unmangled request is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn mangled_h2c_frames_get_goaway_or_close_and_cost_the_relay_nothing() {
+    let relay = Relay::builder().protocol(Proto::H2).start().await;
+    let sidecar = Sidecar::builder().relay(&relay).pool_size(2).start().await;
+    sidecar.wait_ready().await;
+    let dialed = relay.tls_accepted();
+
+    let request = h2c_request();
+    let control = h2_exchange(sidecar.data_addr(), [H2_PREFACE, &request].concat()).await;
+    let frames = support::h2_frames(&control);
+    assert!(
+        frames.iter().any(|(kind, _)| *kind == 0x1),
+        "the unmangled request is answered with HEADERS: {frames:?}"
+    );
+    assert_eq!(relay.count_path("/h2c"), 1);
+
+    let mut rng = fastrand::Rng::with_seed(0x2c_2026);
+    // All at once: a case whose frames stay incomplete waits out its 1 s.
+    let mut set = JoinSet::new();
+    for case in 0..CASES / 2 {
+        let (what, mangled) = mangle(&mut rng, &request);
+        let addr = sidecar.data_addr();
+        set.spawn(async move {
+            let answer = h2_exchange(addr, [H2_PREFACE, &mangled].concat()).await;
+            (case, what, answer)
+        });
+    }
+    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
+    while let Some(done) = set.join_next().await {
+        let (case, what, answer) = done.expect("the exchange task ends");
+        assert!(
+            !answer.starts_with(b"HTTP/1"),
+            "case {case} ({what}): an HTTP/1.1 answer on an h2c connection"
+        );
+        let kinds: Vec<u8> = support::h2_frames(&answer).iter().map(|f| f.0).collect();
+        let outcome = if kinds.contains(&0x7) {
+            "goaway"
+        } else if kinds.contains(&0x3) {
+            "stream reset"
+        } else if kinds.contains(&0x1) {
+            "answered"
+        } else {
+            "no answer within 1 s"
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    eprintln!("mangled h2c connections: {outcomes:?}");
+    let went_away = outcomes.get("goaway").copied().unwrap_or(0);
+    assert!(
+        went_away >= CASES / 10,
+        "malformed frames are protocol errors, told with GOAWAY ({went_away})"
+    );
+    assert_eq!(
+        relay.tls_accepted(),
+        dialed,
+        "no mangled h2c connection may cost a relay connection"
+    );
+    assert_eq!(sidecar.admin_status("/ready").await, Some(200));
+    let after = h2_exchange(sidecar.data_addr(), [H2_PREFACE, &request].concat()).await;
+    assert!(
+        support::h2_frames(&after)
+            .iter()
+            .any(|(kind, _)| *kind == 0x1),
+        "the sidecar answers h2c as before"
+    );
     assert!(
         !sidecar.logs_contain("panicked"),
         "no panic in the sidecar's log"

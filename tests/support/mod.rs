@@ -256,6 +256,20 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8], timeout: Durat
     answer
 }
 
+/// The HTTP/2 frames in `bytes` as (type, payload), up to the first incomplete one.
+pub fn h2_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let Some(payload) = bytes.get(9..9 + len) else {
+            break;
+        };
+        frames.push((bytes[3], payload.to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    frames
+}
+
 /// The status code of a raw HTTP/1.x answer (`HTTP/1.1 431 ...`), if it has one.
 pub fn raw_status(answer: &[u8]) -> Option<u16> {
     let text = String::from_utf8_lossy(answer);
