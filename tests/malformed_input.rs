@@ -147,7 +147,7 @@ async fn mangled_requests_get_clean_answers_and_cost_the_relay_nothing(protocol:
         .collect();
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     let mut closed_without_answer = 0;
-    // Clients that left in the middle of a body, which the relay may already have been sent.
+    // Clients that left in the middle of a body whose start may already have gone to the relay.
     let mut ended_mid_body = 0;
     for batch in cases.chunks(16) {
         let mut set = JoinSet::new();
