@@ -8,6 +8,8 @@
 //!  breaker          Breaker::admit + on_success, bare and behind the Mutex the pool uses
 //!  retry_budget     RetryBudget::record_request (every request) and try_withdraw (failures)
 //!  hop_by_hop       proxy::strip_hop_by_hop on typical request/response header maps
+//!  host_check       proxy::valid_host (a byte table, every HTTP/1.1 request) vs parsing the
+//!                   value as an http::uri::Authority
 //!  credential       TokenCredential::header_value (what each request pays: a clone of the
 //!                   value shared from the locked pages) vs secret::header_value (expose:
 //!                   two mprotect calls and a copy, what it paid before), from_slice +
@@ -30,7 +32,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use sprint_sidecar::config::BreakerConfig;
 use sprint_sidecar::credential::TokenCredential;
 use sprint_sidecar::latency::{Histogram, LatencyWindow};
-use sprint_sidecar::proxy::strip_hop_by_hop;
+use sprint_sidecar::proxy::{strip_hop_by_hop, valid_host};
 use sprint_sidecar::secret::{self, SecureBuffer, WipingAllocator};
 use sprint_sidecar::upstream::CredentialSource;
 use sprint_sidecar::upstream::breaker::Breaker;
@@ -386,6 +388,39 @@ fn strip_hop_by_hop_naive(headers: &mut HeaderMap) {
     }
 }
 
+/// Host header values as apps send them, all valid.
+const HOSTS: [&[u8]; 4] = [
+    b"127.0.0.1:9090",
+    b"localhost:9090",
+    b"relay.bitcoin-sprint.inc:443",
+    b"[::1]:9090",
+];
+
+/// The alternative measured beside `valid_host`: parse the value as a URI authority (which
+/// also admits user info, so that is refused on top).
+fn valid_host_by_authority(value: &[u8]) -> bool {
+    !value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok()
+}
+
+fn host_check(c: &mut Criterion) {
+    let mut group = c.benchmark_group("host_check");
+    for host in HOSTS {
+        assert!(valid_host(host) && valid_host_by_authority(host));
+    }
+    group.bench_function("byte_table", |b| {
+        b.iter(|| HOSTS.iter().filter(|h| valid_host(black_box(h))).count())
+    });
+    group.bench_function("authority_parse", |b| {
+        b.iter(|| {
+            HOSTS
+                .iter()
+                .filter(|h| valid_host_by_authority(black_box(h)))
+                .count()
+        })
+    });
+    group.finish();
+}
+
 fn hop_by_hop(c: &mut Criterion) {
     let mut group = c.benchmark_group("hop_by_hop");
     for (name, make) in [
@@ -543,7 +578,13 @@ fn criterion_dir() -> PathBuf {
 /// Prints the ratios the benches exist for (skipping pairs that were filtered out).
 fn print_summary() {
     let root = criterion_dir();
-    let pairs: [(&str, &str, &str, &str); 12] = [
+    let pairs: [(&str, &str, &str, &str); 13] = [
+        (
+            "host_check",
+            "authority_parse",
+            "byte_table",
+            "Host as a URI authority / byte table (4 values)",
+        ),
         (
             "latency_record",
             "mutex_ring_1_thread",
@@ -637,12 +678,13 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .sample_size(50)
         .configure_from_args();
-    let groups: [fn(&mut Criterion); 7] = [
+    let groups: [fn(&mut Criterion); 8] = [
         latency_record,
         latency_read,
         breaker,
         retry_budget,
         hop_by_hop,
+        host_check,
         credential,
         wiping_alloc,
     ];

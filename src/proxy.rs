@@ -658,8 +658,8 @@ const REG_NAME: [bool; 256] = {
 
 /// `Host = uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name or an
 /// IPv4 address, or an IPv6 address in brackets, then optionally `:` and digits. Empty is
-/// allowed (a target without an authority).
-fn valid_host(value: &[u8]) -> bool {
+/// allowed (a target without an authority). Public for `benches/hot_paths.rs`.
+pub fn valid_host(value: &[u8]) -> bool {
     let (host_ok, port) = if let Some(rest) = value.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|b| *b == b']') else {
             return false;
