@@ -145,12 +145,11 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let mut stop = shutdown.clone();
         let conn = client_io::Served::new(
             conn,
             |conn| conn.graceful_shutdown(),
             exchange.clone(),
-            async move { crate::shutdown::triggered(&mut stop).await },
+            shutdown.clone(),
         );
         let metrics = plane.metrics.clone();
         let header_read_timeout = cfg.listener.header_read_timeout;

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 /// What the connection's handler and its socket wrapper share.
@@ -92,24 +93,42 @@ pub struct Served<C> {
     /// Starts hyper's graceful shutdown of `conn`.
     shut_down: fn(Pin<&mut C>),
     exchange: std::sync::Arc<Exchange>,
+    /// Resolves when the listener drains; polled once to register the task's waker, then
+    /// only when `stop_sent` shows a new value (a version check, where polling the future
+    /// takes the notifier's lock on every poll of the connection).
     stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    stop_sent: watch::Receiver<bool>,
+    stop_registered: bool,
     shutting_down: bool,
 }
 
 impl<C> Served<C> {
+    /// `stop`: the process's shutdown value; the connection shuts down once it is `true`.
     pub fn new(
         conn: C,
         shut_down: fn(Pin<&mut C>),
         exchange: std::sync::Arc<Exchange>,
-        stop: impl Future<Output = ()> + Send + 'static,
+        stop: watch::Receiver<bool>,
     ) -> Self {
+        let mut waiting = stop.clone();
         Served {
             conn: Box::pin(conn),
             shut_down,
             exchange,
-            stop: Box::pin(stop),
+            stop: Box::pin(async move { crate::shutdown::triggered(&mut waiting).await }),
+            stop_sent: stop,
+            stop_registered: false,
             shutting_down: false,
         }
+    }
+
+    /// Whether the listener drains, looking at the shutdown value only when it changed.
+    fn stop_requested(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.stop_registered && !self.stop_sent.has_changed().unwrap_or(true) {
+            return false;
+        }
+        self.stop_registered = true;
+        self.stop.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -122,8 +141,7 @@ impl<C: Future> Future for Served<C> {
             if let Poll::Ready(out) = this.conn.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
-            if this.shutting_down
-                || !(this.exchange.goaway_requested() || this.stop.as_mut().poll(cx).is_ready())
+            if this.shutting_down || !(this.exchange.goaway_requested() || this.stop_requested(cx))
             {
                 return Poll::Pending;
             }
