@@ -122,6 +122,12 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is closed: it admits every request until a failure is recorded,
+    /// whatever the time (only Open changes with time alone).
+    pub fn is_closed(&self) -> bool {
+        self.state == BreakerState::Closed
+    }
+
     /// The state as traffic sees it at `now` (an Open breaker whose time is up reads as
     /// Half-open: the next request is the probe).
     pub fn state(&self, now: Instant) -> BreakerState {

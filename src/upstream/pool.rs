@@ -3,7 +3,7 @@
 //! `max_connection_age`, and replaces it when the ejector finds it slow. Requests pick the
 //! usable connection with the fewest requests in flight (ties: lower EWMA latency).
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +65,10 @@ pub struct Slot {
     current: Mutex<Option<Arc<Connection>>>,
     state: AtomicU8,
     breaker: Mutex<Breaker>,
+    /// `breaker.is_closed()` as of the breaker's last change, written under its lock: the
+    /// request path reads it instead of taking the lock of every slot it looks at. A stale
+    /// `true` costs nothing: [`Breaker::admit`] decides under the lock.
+    breaker_closed: AtomicBool,
     requests: AtomicU64,
     /// Failed requests: failed attempts, and response bodies that failed after their head.
     errors: Arc<AtomicU64>,
@@ -82,6 +86,7 @@ impl Slot {
             index,
             current: Mutex::new(None),
             state: AtomicU8::new(SlotState::Connecting as u8),
+            breaker_closed: AtomicBool::new(breaker.is_closed()),
             breaker: Mutex::new(breaker),
             requests: AtomicU64::new(0),
             errors: Arc::new(AtomicU64::new(0)),
@@ -127,7 +132,15 @@ impl Slot {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        f(&mut guard)
+        let out = f(&mut guard);
+        self.breaker_closed
+            .store(guard.is_closed(), Ordering::Relaxed);
+        out
+    }
+
+    /// Whether the breaker would admit a request at `now`, without its lock while it is closed.
+    fn breaker_would_admit(&self, now: Instant) -> bool {
+        self.breaker_closed.load(Ordering::Relaxed) || self.with_breaker(|b| b.would_admit(now))
     }
 
     fn usable_connection(&self) -> Option<Arc<Connection>> {
@@ -329,14 +342,12 @@ impl Pool {
                     // Dialing, or its connection just ended and the slot task is about to
                     // re-dial (the state still says connected): worth waiting for. Only a
                     // slot in backoff makes the request fail fast.
-                    if slot.state() != SlotState::Backoff
-                        && slot.with_breaker(|b| b.would_admit(now))
-                    {
+                    if slot.state() != SlotState::Backoff && slot.breaker_would_admit(now) {
                         can_wait = true;
                     }
                     continue;
                 };
-                if !slot.with_breaker(|b| b.would_admit(now)) {
+                if !slot.breaker_would_admit(now) {
                     continue;
                 }
                 if conn.available() == 0 {
