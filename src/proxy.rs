@@ -264,7 +264,14 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         return local(json_error(status, error, &detail));
     }
     let limit = cfg.listener.max_body_bytes;
-    let declared = match content_length(req.headers()) {
+    // hyper has parsed an HTTP/1.1 Content-Length already (and refused a bad or conflicting
+    // one); h2 checks the body against the first value only, so over h2c all are looked at.
+    let declared = if req.version() == http::Version::HTTP_2 {
+        content_length(req.headers())
+    } else {
+        Ok(req.body().size_hint().exact())
+    };
+    let declared = match declared {
         Ok(n) => n,
         Err(()) => {
             return local(json_error(
@@ -371,32 +378,9 @@ async fn client_body(
     let limit = plane.cfg.listener.max_body_bytes;
     let (ahead, seen) = match declared {
         Some(n) if n <= REPLAYABLE_BODY_LIMIT => {
-            let mut collect = std::pin::pin!(incoming.collect());
-            let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
-            let read = match first {
-                Poll::Ready(collected) => Ok(collected),
-                Poll::Pending => tokio::time::timeout_at(deadline, collect).await,
-            };
-            return match read {
-                Ok(Ok(collected)) => {
-                    let bytes = collected.to_bytes();
-                    plane.metrics.bytes(bytes.len() as u64, 0);
-                    Ok(OutgoingBody::Replayable(bytes))
-                }
-                Ok(Err(e)) => Err(local(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!(
-                        "reading the request body failed: {}",
-                        describe_body_error(&e)
-                    ),
-                ))),
-                Err(_) => Err(local(json_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "the request body did not arrive before listener.request_deadline",
-                ))),
-            };
+            let bytes = read_small_body(&mut incoming, n, deadline).await?;
+            plane.metrics.bytes(bytes.len() as u64, 0);
+            return Ok(OutgoingBody::Replayable(bytes));
         }
         Some(_) => (Vec::new(), 0),
         None => match take_what_arrived(&mut incoming, limit, &plane.metrics).await? {
@@ -414,6 +398,66 @@ async fn client_body(
         metrics: plane.metrics.clone(),
     };
     Ok(OutgoingBody::Streaming(limited.boxed_unsync(), client))
+}
+
+/// Reads a body of declared length `len` (at most [`REPLAYABLE_BODY_LIMIT`]) whole. It
+/// usually came with the head as one piece: a first poll without a timer takes it, without a
+/// copy. Later pieces are waited for until `deadline` (408).
+async fn read_small_body(
+    incoming: &mut Incoming,
+    len: u64,
+    deadline: Instant,
+) -> Result<Bytes, Response<ProxyBody>> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while !incoming.is_end_stream() {
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))).await;
+        let frame = match polled {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => match tokio::time::timeout_at(deadline, incoming.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    return Err(local(json_error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request body did not arrive before listener.request_deadline",
+                    )));
+                }
+            },
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(local(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "reading the request body failed: {}",
+                        describe_body_error(&e)
+                    ),
+                )));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        match (&mut joined, first.take()) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut all = bytes::BytesMut::with_capacity(len as usize);
+                all.extend_from_slice(&earlier);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// What had arrived of a body of unknown length when the client's connection had no more of

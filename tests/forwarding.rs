@@ -1854,3 +1854,67 @@ async fn a_relay_answering_invalid_http_gets_a_502_naming_the_bad_answer() {
         assert_eq!(sidecar.admin_status("/health").await, Some(200), "{what}");
     }
 }
+
+/// A small body with a declared length is read whole before it is sent (so it can be sent
+/// again on a retry): one that arrives in pieces is joined, and one that stops arriving gets
+/// 408 at `listener.request_deadline`, with nothing sent to the relay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_body_arriving_in_pieces_is_joined_and_one_that_stops_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "request_deadline", "\"1s\"")
+    })
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    stream
+        .write_all(b"POST /pieces HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello")
+        .await
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.write_all(b"world").await.expect("sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .expect("read");
+    assert_eq!(
+        support::raw_status(&answer),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let record = relay.requests().pop().expect("the relay saw /pieces");
+    assert_eq!(&record.body[..], b"helloworld");
+    assert!(record.body_complete);
+
+    let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    let started = Instant::now();
+    stream
+        .write_all(b"POST /stops HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .expect("sent");
+    let mut answer = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .expect("read");
+    let (error, detail) = assert_json_error(408, support::raw_body(&answer[..n]));
+    assert_eq!(support::raw_status(&answer[..n]), Some(408));
+    assert_eq!(error, "request_timeout");
+    assert!(detail.contains("listener.request_deadline"), "{detail}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "answered at the deadline, not before: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        relay.count_path("/stops"),
+        0,
+        "nothing was sent to the relay"
+    );
+}
