@@ -282,11 +282,7 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
         }
     };
     if declared.is_some_and(|n| n > limit) {
-        return local(json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
-        ));
+        return body_too_large(limit);
     }
     let (parts, incoming) = req.into_parts();
     let client_version = parts.version;
@@ -408,12 +404,9 @@ async fn read_small_body(
     len: u64,
     deadline: Instant,
 ) -> Result<Bytes, Response<ProxyBody>> {
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<bytes::BytesMut> = None;
+    let mut body = Joined::default();
     while !incoming.is_end_stream() {
-        let polled =
-            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))).await;
-        let frame = match polled {
+        let frame = match poll_frame_now(incoming).await {
             Poll::Ready(frame) => frame,
             Poll::Pending => match tokio::time::timeout_at(deadline, incoming.frame()).await {
                 Ok(frame) => frame,
@@ -426,38 +419,76 @@ async fn read_small_body(
                 }
             },
         };
-        let data = match frame {
+        match frame {
             None => break,
-            Some(Err(e)) => {
-                return Err(local(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!(
-                        "reading the request body failed: {}",
-                        describe_body_error(&e)
-                    ),
-                )));
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue,
-            },
-        };
-        match (&mut joined, first.take()) {
-            (Some(all), _) => all.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(earlier)) => {
-                let mut all = bytes::BytesMut::with_capacity(len as usize);
-                all.extend_from_slice(&earlier);
-                all.extend_from_slice(&data);
-                joined = Some(all);
+            Some(Err(e)) => return Err(body_failed(&e)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    body.push(data, len);
+                }
             }
         }
     }
-    Ok(match joined {
-        Some(all) => all.freeze(),
-        None => first.unwrap_or_default(),
-    })
+    Ok(body.into_bytes())
+}
+
+/// Pieces of a body joined into one `Bytes`; a body of one piece is kept without a copy.
+#[derive(Default)]
+struct Joined {
+    first: Option<Bytes>,
+    all: Option<bytes::BytesMut>,
+}
+
+impl Joined {
+    /// Adds the next piece; `total` (the body's size, if known) sizes the buffer once.
+    fn push(&mut self, piece: Bytes, total: u64) {
+        match (&mut self.all, self.first.take()) {
+            (Some(all), _) => all.extend_from_slice(&piece),
+            (None, None) => self.first = Some(piece),
+            (None, Some(first)) => {
+                let mut all = bytes::BytesMut::with_capacity(total as usize);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&piece);
+                self.all = Some(all);
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self.all {
+            Some(all) => all.freeze(),
+            None => self.first.unwrap_or_default(),
+        }
+    }
+}
+
+/// Polls `incoming` once, without a timer: `Pending` when the client's connection has no
+/// more of the body at hand.
+async fn poll_frame_now(
+    incoming: &mut Incoming,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))).await
+}
+
+/// The client's body could not be read (broken framing, the client left): 400 naming why.
+fn body_failed(e: &hyper::Error) -> Response<ProxyBody> {
+    local(json_error(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        &format!(
+            "reading the request body failed: {}",
+            describe_body_error(e)
+        ),
+    ))
+}
+
+/// The client's body is larger than `listener.max_body_bytes`: 413.
+fn body_too_large(limit: u64) -> Response<ProxyBody> {
+    local(json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
+    ))
 }
 
 /// What had arrived of a body of unknown length when the client's connection had no more of
@@ -483,9 +514,7 @@ async fn take_what_arrived(
     let mut seen = 0u64;
     let mut yielded = false;
     loop {
-        let polled =
-            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))).await;
-        let frame = match polled {
+        let frame = match poll_frame_now(incoming).await {
             Poll::Pending if yielded => return Ok(Arrived::Start(frames, seen)),
             Poll::Pending => {
                 yielded = true;
@@ -493,16 +522,7 @@ async fn take_what_arrived(
                 continue;
             }
             Poll::Ready(None) => break,
-            Poll::Ready(Some(Err(e))) => {
-                return Err(local(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!(
-                        "reading the request body failed: {}",
-                        describe_body_error(&e)
-                    ),
-                )));
-            }
+            Poll::Ready(Some(Err(e))) => return Err(body_failed(&e)),
             Poll::Ready(Some(Ok(frame))) => frame,
         };
         yielded = false;
@@ -510,11 +530,7 @@ async fn take_what_arrived(
             seen += data.len() as u64;
             metrics.bytes(data.len() as u64, 0);
             if seen > limit {
-                return Err(local(json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    &format!("request body exceeds listener.max_body_bytes ({limit} bytes)"),
-                )));
+                return Err(body_too_large(limit));
             }
         }
         let trailers = frame.is_trailers();
@@ -523,21 +539,14 @@ async fn take_what_arrived(
             return Ok(Arrived::Start(frames, seen));
         }
     }
-    let mut data = frames
+    let mut whole = Joined::default();
+    for data in frames
         .into_iter()
-        .filter_map(|frame| frame.into_data().ok());
-    let whole = match (data.next(), data.next()) {
-        (None, _) => Bytes::new(),
-        (Some(only), None) => only,
-        (Some(first), Some(second)) => {
-            let mut all = bytes::BytesMut::with_capacity(seen as usize);
-            for piece in [first, second].into_iter().chain(data) {
-                all.extend_from_slice(&piece);
-            }
-            all.freeze()
-        }
-    };
-    Ok(Arrived::Whole(whole))
+        .filter_map(|frame| frame.into_data().ok())
+    {
+        whole.push(data, seen);
+    }
+    Ok(Arrived::Whole(whole.into_bytes()))
 }
 
 /// The JSON answer of an upstream failure, with `Retry-After` on 503.
@@ -984,6 +993,22 @@ mod tests {
             let head = [("host", "app"), ("transfer-encoding", other)];
             assert_eq!(refusal(&head, v), Some(501), "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_body_of_one_piece_is_kept_without_a_copy_and_pieces_are_joined() {
+        let one = Bytes::from_static(b"{\"id\":1}");
+        let mut body = Joined::default();
+        body.push(one.clone(), 8);
+        let kept = body.into_bytes();
+        assert_eq!(kept.as_ptr(), one.as_ptr(), "the same bytes, not a copy");
+
+        let mut body = Joined::default();
+        for piece in ["hel", "lo ", "world"] {
+            body.push(Bytes::from_static(piece.as_bytes()), 11);
+        }
+        assert_eq!(&body.into_bytes()[..], b"hello world");
+        assert!(Joined::default().into_bytes().is_empty());
     }
 
     #[test]
