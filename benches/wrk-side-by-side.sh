@@ -23,7 +23,10 @@
 # `pool.size` is N instead of 4),
 # RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
-# itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores).
+# itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
+# HAPROXY (0; 1: two more peers, Debian's HAProxy with `nbthread 1`, `http-reuse always` and
+# `ssl verify required`, speaking to the relay over h2 (`haproxy-h2`, `alpn h2`) and over
+# HTTP/1.1 (`haproxy-h1`), to tell what the relay's protocol costs from what a proxy costs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${SECONDS_PER_WINDOW:-8}
@@ -35,7 +38,10 @@ base=${PORT_BASE:-18000}
 # nginx's default is 1000, and the proxies must cope with that.
 relay_keepalive_requests=${RELAY_KEEPALIVE_REQUESTS:-1000}
 nginx=${NGINX:-/usr/sbin/nginx}
-for tool in "$nginx" wrk openssl python3 "$bin"; do
+haproxy=${HAPROXY_BIN:-/usr/sbin/haproxy}
+tools=("$nginx" wrk openssl python3 "$bin")
+[ "${HAPROXY:-0}" = 1 ] && tools+=("$haproxy")
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || { echo "wrk-side-by-side: $tool not found" >&2; exit 2; }
 done
 dir=$(mktemp -d)
@@ -140,7 +146,37 @@ for size in ${POOL_SIZES:-}; do
     sidecar "sidecar-pool-$size" 1 $((base + offset)) "$size"
     offset=$((offset + 10))
 done
-procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar
+haproxy_peer() { # NAME PORT ALPN: HAProxy in the foreground, one thread
+    mkdir -p "$dir/$1"
+    cat >"$dir/$1/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 300s
+    timeout server 30s
+    http-reuse always
+frontend data
+    bind 127.0.0.1:$2
+    default_backend relay
+backend relay
+    http-request set-header Host relay.test
+    http-request set-header Authorization "$token"
+    server relay 127.0.0.1:$relay_port ssl verify required ca-file $dir/ca.pem sni str(relay.test) verifyhost relay.test alpn $3
+EOF
+    "$haproxy" -f "$dir/$1/haproxy.cfg" -db >"$dir/$1/log" 2>&1 &
+    pids+=($!)
+    echo $! >"$dir/$1/pid"
+    names+=("$1")
+    port[$1]=$2
+}
+if [ "${HAPROXY:-0}" = 1 ]; then
+    haproxy_peer haproxy-h2 $((base + offset)) h2
+    haproxy_peer haproxy-h1 $((base + offset + 10)) http/1.1
+fi
+procs() { # the pids whose CPU counts: nginx master and workers, or the sidecar or HAProxy
     case $1 in
     nginx* | relay) local master; master=$(cat "$dir/$1/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
     *) cat "$dir/$1/pid" ;;
