@@ -156,7 +156,21 @@ pub fn route(
     } else {
         path
     };
-    let mut resp = if !is_known(path) {
+    // Under /api/v1/ a missing or wrong token is answered first, so an unknown path does not
+    // tell a caller without the token which paths exist; a CORS preflight (OPTIONS, sent
+    // without credentials) of a known path is the one exception.
+    let guarded = path == "/api/v1" || path.starts_with("/api/v1/");
+    let preflight = method == Method::OPTIONS && is_known(path);
+    let mut resp = if guarded && !preflight && !authorized(state, headers) {
+        let mut r = json_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs Authorization: Bearer <admin token>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    } else if !is_known(path) {
         json_error(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -180,15 +194,6 @@ pub fn route(
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, OPTIONS"),
         );
-        r
-    } else if path.starts_with("/api/v1/") && !authorized(state, headers) {
-        let mut r = json_error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this endpoint needs Authorization: Bearer <admin token>",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     } else {
         get(state, path, headers)
@@ -228,11 +233,18 @@ fn authorized(state: &AdminState, headers: &http::HeaderMap) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return false;
     };
-    let bytes = value.as_bytes();
-    match bytes.get(..7) {
-        Some(prefix) if prefix.eq_ignore_ascii_case(b"bearer ") => check(&bytes[7..]),
-        _ => false,
+    bearer_credentials(value.as_bytes()).is_some_and(|given| check(given))
+}
+
+/// The credentials of a `Bearer` authorization value: the scheme in any case, then one or
+/// more spaces (RFC 9110 §11.4), then the token; `None` for another scheme or no token.
+fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
     }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(&rest[start..])
 }
 
 fn cors(state: &AdminState, headers: &http::HeaderMap, resp: &mut Response<Full<Bytes>>) {
@@ -348,28 +360,50 @@ fn get(state: &AdminState, path: &str, headers: &http::HeaderMap) -> Response<Fu
     }
 }
 
+/// How a connection id in a path reads: decimal digits only (no sign, no spaces).
+#[derive(Debug, PartialEq, Eq)]
+enum ConnectionId {
+    /// A positive id that fits in 64 bits.
+    Id(u64),
+    /// Digits naming a positive number no connection can have (more than 64 bits).
+    OutOfRange,
+    /// Anything else, zero included (ids start at 1).
+    Malformed,
+}
+
+fn parse_connection_id(id: &str) -> ConnectionId {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return ConnectionId::Malformed;
+    }
+    match id.parse::<u64>() {
+        Ok(0) => ConnectionId::Malformed,
+        Ok(n) => ConnectionId::Id(n),
+        Err(_) if id.bytes().any(|b| b != b'0') => ConnectionId::OutOfRange,
+        Err(_) => ConnectionId::Malformed,
+    }
+}
+
 fn connection_by_id(state: &AdminState, id: &str) -> Response<Full<Bytes>> {
-    let Ok(n) = id
-        .parse::<u64>()
-        .map_err(|_| ())
-        .and_then(|n| if n == 0 { Err(()) } else { Ok(n) })
-    else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("connection id must be a positive integer, got {id:?}"),
-        );
+    let found = match parse_connection_id(id) {
+        ConnectionId::Malformed => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("connection id must be a positive decimal integer, got {id:?}"),
+            );
+        }
+        ConnectionId::OutOfRange => None,
+        ConnectionId::Id(n) => connection_statuses(state)
+            .into_iter()
+            .find(|c| c.connection_id == n),
     };
-    match connection_statuses(state)
-        .into_iter()
-        .find(|c| c.connection_id == n)
-    {
+    match found {
         Some(c) => json(StatusCode::OK, &c),
         None => json_error(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!(
-                "no connection with id {n} (ids are 1..={})",
+                "no connection with id {id} (ids are 1..={})",
                 state.cfg.pool.size
             ),
         ),
@@ -672,5 +706,51 @@ fn service_status(state: &AdminState) -> ServiceStatus {
             memory_usage_mb: round3(sampler::rss_bytes() as f64 / (1024.0 * 1024.0)),
             cpu_usage_percent: round3(recent.cpu_percent),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_credentials_take_the_scheme_in_any_case_and_one_or_more_spaces() {
+        assert_eq!(bearer_credentials(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_credentials(b"bEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_credentials(b"Bearer   abc"), Some(&b"abc"[..]));
+        for refused in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Bearer    ",
+            b"Bearerabc",
+            b"Basic abc",
+            b"abc",
+            b"",
+        ] {
+            assert_eq!(bearer_credentials(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn connection_ids_are_positive_decimal_digits() {
+        assert_eq!(parse_connection_id("1"), ConnectionId::Id(1));
+        assert_eq!(parse_connection_id("007"), ConnectionId::Id(7));
+        assert_eq!(
+            parse_connection_id("18446744073709551615"),
+            ConnectionId::Id(u64::MAX)
+        );
+        assert_eq!(
+            parse_connection_id("99999999999999999999999"),
+            ConnectionId::OutOfRange
+        );
+        for malformed in [
+            "", "0", "000", "+1", "-1", "1.5", " 1", "1 ", "abc", "0x1", "١",
+        ] {
+            assert_eq!(
+                parse_connection_id(malformed),
+                ConnectionId::Malformed,
+                "{malformed:?}"
+            );
+        }
     }
 }

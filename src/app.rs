@@ -160,6 +160,20 @@ pub fn load_credential(cfg: &Config) -> Result<Option<Arc<TokenCredential>>, App
     Ok(None)
 }
 
+/// Reads the admin token file as `run` would, for `check-config`: `Ok(true)` when one is
+/// configured and usable, `Ok(false)` when none is configured.
+///
+/// # Errors
+/// A missing, empty or too-open token file (exit 2), named by its key.
+pub fn check_admin_token(cfg: &Config) -> Result<bool, AppError> {
+    let Some(path) = &cfg.admin.token_file else {
+        return Ok(false);
+    };
+    crate::secret::SecureBuffer::from_file(path, cfg.admin.allow_insecure_permissions)
+        .map_err(|e| AppError::config(format!("admin.token_file: {e}")))?;
+    Ok(true)
+}
+
 fn load_admin_token(cfg: &Config, metrics: &Metrics) -> Result<Option<TokenCheck>, AppError> {
     let Some(path) = &cfg.admin.token_file else {
         return Ok(None);

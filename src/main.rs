@@ -168,12 +168,16 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     sprint_sidecar::tls::setup(&cfg.upstream, cfg.pool.size.get())
         .map_err(|e| AppError::config(e.to_string()))?;
     let credential = app::load_credential(&cfg)?;
+    let admin_token = app::check_admin_token(&cfg)?;
     print!("{}", cfg.to_toml());
     for w in cfg.warnings() {
         println!("# warning: {w}");
     }
     if let Some(c) = credential {
         println!("# relay credential: loaded into locked memory ({c:?}), value redacted");
+    }
+    if admin_token {
+        println!("# admin token: readable and private, value redacted");
     }
     println!("# configuration is valid");
     Ok(())

@@ -885,10 +885,16 @@ async fn connection_by_id_answers_200_404_and_400() {
     )
     .await
     .assert_json_error(404);
-    admin_get(&sidecar, "/api/v1/secure-channel/connections/99999999999")
+    // Well-formed ids no connection has, 64-bit or longer, are unknown, not malformed.
+    for unknown in ["99999999999", "99999999999999999999999"] {
+        admin_get(
+            &sidecar,
+            &format!("/api/v1/secure-channel/connections/{unknown}"),
+        )
         .await
         .assert_json_error(404);
-    for malformed in ["abc", "0", "-1", "1.5", "%20"] {
+    }
+    for malformed in ["abc", "0", "-1", "+1", "1.5", "%20", "0x1"] {
         admin_get(
             &sidecar,
             &format!("/api/v1/secure-channel/connections/{malformed}"),
@@ -965,6 +971,31 @@ async fn admin_token_guards_the_api_and_never_leaks() {
             seen.push(answer);
         }
     }
+
+    // An unknown path under /api/v1/ is refused the same way without the token, so a caller
+    // without it learns nothing about which paths exist; with it, the path is a 404.
+    let unknown = admin_get(&sidecar, "/api/v1/secure-channel/nope").await;
+    unknown.assert_json_error(401);
+    seen.push(unknown);
+    let unknown = admin_request(
+        &sidecar,
+        "GET",
+        "/api/v1/secure-channel/nope",
+        &[("authorization", &right)],
+    )
+    .await;
+    unknown.assert_json_error(404);
+    seen.push(unknown);
+    // RFC 9110 allows more than one space after the scheme.
+    let spaced = admin_request(
+        &sidecar,
+        "GET",
+        "/api/v1/status",
+        &[("authorization", &format!("bearer   {token}"))],
+    )
+    .await;
+    assert_eq!(spaced.status, 200, "{}", spaced.text());
+    seen.push(spaced);
 
     // The status command needs the token too, and never prints it.
     let cli = SidecarBuilder::new();

@@ -352,6 +352,40 @@ async fn world_readable_token_file_is_refused_by_run() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn check_config_refuses_the_admin_token_files_run_refuses() {
+    let pki = Pki::new();
+    for (name, contents, mode) in [
+        ("open.token", &b"admin-open-0644\n"[..], 0o644),
+        ("empty.token", &b""[..], 0o600),
+    ] {
+        let builder = valid(&pki);
+        let file = builder.write_file(name, contents, mode);
+        let builder = builder.set_str("admin", "token_file", &file.display().to_string());
+        for command in ["check-config", "run"] {
+            let output = builder.run_command(command).await;
+            let line = assert_rejected(&output, &["admin.token_file", name]);
+            assert!(
+                !line.contains("admin-open-0644") && !output.stdout.contains("admin-open-0644"),
+                "never print the secret: {line}"
+            );
+        }
+    }
+    let builder = valid(&pki);
+    let file = builder.write_file("good.token", b"admin-good\n", 0o600);
+    let output = builder
+        .set_str("admin", "token_file", &file.display().to_string())
+        .run_command("check-config")
+        .await;
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(
+        output
+            .stdout
+            .contains("# admin token: readable and private")
+    );
+    assert!(!output.stdout.contains("admin-good"), "{}", output.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn insecure_permissions_can_be_allowed_explicitly() {
     let pki = Pki::new();
     let output = with_world_readable_token(&pki)
