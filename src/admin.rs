@@ -233,7 +233,7 @@ fn authorized(state: &AdminState, headers: &http::HeaderMap) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return false;
     };
-    bearer_credentials(value.as_bytes()).is_some_and(|given| check(given))
+    bearer_credentials(value.as_bytes()).is_some_and(check)
 }
 
 /// The credentials of a `Bearer` authorization value: the scheme in any case, then one or
