@@ -587,10 +587,11 @@ impl Config {
     }
 }
 
-/// Parses the file text; syntax and type errors name the key and the line.
+/// Parses the file text; syntax and type errors name the key and the line, never the text
+/// written there: a secret file given as the configuration by mistake must not be printed.
 fn parse_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     let located = |e: &toml::de::Error| -> String {
-        let msg = e.message().trim().to_string();
+        let msg = without_quoted_values(e.message().trim());
         match e.span() {
             Some(span) => {
                 let (line, col) = line_col(text, span.start);
@@ -615,8 +616,41 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// `message` with the content of each double-quoted string replaced by `…`: the TOML and
+/// serde messages quote the value they could not use (`invalid type: string "…"`).
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '"' {
+            let mut escaped = false;
+            for inner in chars.by_ref() {
+                if inner == '"' && !escaped {
+                    out.push('…');
+                    out.push('"');
+                    break;
+                }
+                escaped = inner == '\\' && !escaped;
+            }
+        }
+    }
+    out
+}
+
+/// Whether `name` can be a TOML key as this file would write it (bare or dotted, maybe
+/// quoted), so that a line of some other text is never echoed as a key.
+fn looks_like_key(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// The dotted `section.key` written at `offset` of a TOML text, found from the line's key
-/// and the nearest `[section]` header above it.
+/// and the nearest `[section]` header above it; `None` when the line is not `key = ...` or
+/// a `[section]` header.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
@@ -625,16 +659,18 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let trimmed = line.trim();
     if trimmed.starts_with('[') {
         let name = trimmed.trim_matches(|c| c == '[' || c == ']').trim();
-        return Some(format!("[{name}]"));
+        return looks_like_key(name).then(|| format!("[{name}]"));
     }
-    let key = line.split('=').next()?.trim().trim_matches('"');
-    if key.is_empty() {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if !looks_like_key(key) {
         return None;
     }
     let section = text[..line_start].lines().rev().find_map(|l| {
         let l = l.trim();
         (l.starts_with('[') && l.ends_with(']'))
             .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+            .filter(|name| looks_like_key(name))
     });
     Some(match section {
         Some(s) => format!("{s}.{key}"),

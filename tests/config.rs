@@ -281,6 +281,50 @@ async fn toml_syntax_error_names_the_line() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_secret_file_given_as_the_configuration_is_never_printed() {
+    let builder = SidecarBuilder::new();
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "relay.token",
+            "Bearer SECRET-first-line-42\n",
+            "SECRET-first-line-42",
+        ),
+        (
+            "client.key",
+            "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGSECRETKEYBYTES\n-----END PRIVATE KEY-----\n",
+            "SECRETKEYBYTES",
+        ),
+        (
+            "dotenv",
+            "RELAY_TOKEN=SECRET-unquoted-7\n",
+            "SECRET-unquoted-7",
+        ),
+        (
+            "typed.toml",
+            "[pool]\nsize = \"SECRET-quoted-9\"\n",
+            "SECRET-quoted-9",
+        ),
+    ];
+    for (name, contents, secret) in cases {
+        let file = builder.write_file(name, contents.as_bytes(), 0o600);
+        for command in ["check-config", "run"] {
+            let output = builder
+                .run_args(&[
+                    command.into(),
+                    "--config".into(),
+                    file.display().to_string(),
+                ])
+                .await;
+            let line = assert_rejected(&output, &[name]);
+            for shown in [&line, &output.stdout] {
+                assert!(!shown.contains(secret), "{command} printed {name}: {shown}");
+                assert!(!shown.contains("PRIVATE KEY"), "{command}: {shown}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn missing_ca_file_names_the_path() {
     let builder = SidecarBuilder::new().endpoint("127.0.0.1:9443").set_str(
         "upstream",
