@@ -167,6 +167,9 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     sprint_sidecar::tls::install_default_provider();
     sprint_sidecar::tls::setup(&cfg.upstream, cfg.pool.size.get())
         .map_err(|e| AppError::config(e.to_string()))?;
+    // The same protection `run` applies before it reads a secret: a machine where memory
+    // cannot be locked while `memory.require_lock` is set fails here as it would there.
+    let hardening = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
     let admin_token = app::check_admin_token(&cfg)?;
     print!("{}", cfg.to_toml());
@@ -174,7 +177,14 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
         println!("# warning: {w}");
     }
     if let Some(c) = credential {
-        println!("# relay credential: loaded into locked memory ({c:?}), value redacted");
+        if hardening.is_degraded() {
+            println!(
+                "# relay credential: loaded, but NOT in locked memory (memory.require_lock = \
+                 false and locking is not permitted here), value redacted"
+            );
+        } else {
+            println!("# relay credential: loaded into locked memory ({c:?}), value redacted");
+        }
     }
     if admin_token {
         println!("# admin token: readable and private, value redacted");

@@ -1357,6 +1357,38 @@ async fn unprivileged_start_without_memlock_exits_2_when_lock_is_required() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_refuses_as_run_does_when_memory_cannot_be_locked() {
+    if skip_unless_root("switching to an unprivileged user") {
+        return;
+    }
+    let token = Token::new();
+    let required = unprivileged(&token, true).await;
+    let output = required.builder.run_command("check-config").await;
+    assert_eq!(output.code, Some(2), "{output:?}");
+    assert!(
+        output.stderr.contains("RLIMIT_MEMLOCK") && output.stderr.contains("memory.require_lock"),
+        "{output:?}"
+    );
+    assert!(
+        !output.stdout.contains("configuration is valid"),
+        "{output:?}"
+    );
+    assert_no_token_in(&output.stderr, &[&token], "the refusal");
+
+    // Not required: valid, and it says the token is not locked rather than claiming it is.
+    let allowed = unprivileged(&token, false).await;
+    let output = allowed.builder.run_command("check-config").await;
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(
+        output.stdout.contains("NOT in locked memory")
+            && !output.stdout.contains("loaded into locked memory"),
+        "{}",
+        output.stdout
+    );
+    assert_no_token_in(&output.stdout, &[&token], "check-config");
+}
+
 // ---- 5. file permissions ----
 
 #[tokio::test(flavor = "multi_thread")]
