@@ -533,6 +533,9 @@ impl Config {
         let defaults = default_table();
         let mut problems = Vec::new();
         let mut warnings = Vec::new();
+        // Where each key set outside the file came from (the last setting wins), so that a
+        // value refused below names the variable or flag to fix, not only the key.
+        let mut origins: Vec<(String, String)> = Vec::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -546,7 +549,13 @@ impl Config {
                         format!("{section}.{key} (from environment variable {name}): {why}")
                     });
                     match typed {
-                        Ok(v) => set(&mut table, section, key, v),
+                        Ok(v) => {
+                            set(&mut table, section, key, v);
+                            origins.push((
+                                format!("{section}.{key}"),
+                                format!("environment variable {name}"),
+                            ));
+                        }
                         Err(p) => problems.push(p),
                     }
                 }
@@ -560,7 +569,10 @@ impl Config {
         }
         for (section, key, value) in overrides.entries() {
             match typed_value(&defaults, section, key, value) {
-                Ok(v) => set(&mut table, section, key, v),
+                Ok(v) => {
+                    set(&mut table, section, key, v);
+                    origins.push((format!("{section}.{key}"), "command line".to_string()));
+                }
                 Err(why) => problems.push(format!("{section}.{key} (from command line): {why}")),
             }
         }
@@ -569,7 +581,19 @@ impl Config {
         }
         let raw = RawConfig::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::one(e.message().trim().to_string()))?;
-        let mut config = raw.validate()?;
+        let mut config = raw.validate().map_err(|mut e| {
+            for problem in &mut e.problems {
+                let origin = origins.iter().rev().find(|(key, _)| {
+                    problem
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|rest| rest.starts_with(':'))
+                });
+                if let Some((key, origin)) = origin {
+                    *problem = format!("{key} (from {origin}){}", &problem[key.len()..]);
+                }
+            }
+            e
+        })?;
         config.warnings = warnings;
         Ok(config)
     }
@@ -698,6 +722,21 @@ fn find_key<'a>(defaults: &'a toml::Table, rest: &str) -> Option<(&'a str, &'a s
     None
 }
 
+/// Header names `upstream.auth_header` may not name: the credential would replace the
+/// request's framing (length, coding), its connection handling or its target.
+const RESERVED_AUTH_HEADERS: [&str; 10] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+];
+
 /// Converts a string from the environment or a flag to the TOML type of the key's default.
 fn typed_value(
     defaults: &toml::Table,
@@ -719,18 +758,26 @@ fn typed_value(
             v.parse()
                 .map_err(|_| format!("expected a number, got {v:?}"))?,
         ),
-        toml::Value::Boolean(_) => toml::Value::Boolean(match v {
+        toml::Value::Boolean(_) => toml::Value::Boolean(match v.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
             _ => return Err(format!("expected true or false, got {v:?}")),
         }),
-        toml::Value::Array(_) => toml::Value::Array(
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_string()))
-                .collect(),
-        ),
+        toml::Value::Array(_) => {
+            let items: Vec<&str> = v.split(',').map(str::trim).collect();
+            if items.iter().any(|s| s.is_empty()) {
+                return Err(format!(
+                    "expected a comma-separated list such as \"h2,http/1.1\" with no empty \
+                     item, got {v:?}"
+                ));
+            }
+            toml::Value::Array(
+                items
+                    .into_iter()
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            )
+        }
         _ => toml::Value::String(value.to_string()),
     })
 }
@@ -936,14 +983,27 @@ impl RawConfig {
             c.problems
                 .push("upstream.alpn: must name at least one of \"h2\", \"http/1.1\"".into());
         }
-        for p in &alpn {
+        for (i, p) in alpn.iter().enumerate() {
             if p != "h2" && p != "http/1.1" {
                 c.problems.push(format!(
                     "upstream.alpn: unsupported protocol {p:?} (supported: \"h2\", \"http/1.1\")"
                 ));
+            } else if alpn[..i].contains(p) {
+                c.problems.push(format!(
+                    "upstream.alpn: {p:?} is named twice; name each once"
+                ));
             }
         }
         let auth_header = match http::HeaderName::from_bytes(u.auth_header.trim().as_bytes()) {
+            Ok(h) if RESERVED_AUTH_HEADERS.contains(&h.as_str()) => {
+                c.problems.push(format!(
+                    "upstream.auth_header: {:?} frames or routes the request (hop-by-hop, \
+                     length or host); name a header that only carries the credential, such \
+                     as \"authorization\"",
+                    h.as_str()
+                ));
+                http::header::AUTHORIZATION
+            }
             Ok(h) => h,
             Err(_) => {
                 c.problems.push(format!(
@@ -1358,6 +1418,61 @@ mod tests {
         let c =
             load_text("", &env, &Overrides::default()).expect("unknown variables are not fatal");
         assert!(c.warnings()[0].contains("SPRINT_SIDECAR_ADMIN_SERVICE_HOST"));
+        // A value that has the key's type but fails its check names the variable too.
+        for (name, value, key) in [
+            (
+                "SPRINT_SIDECAR_POOL_CONNECT_TIMEOUT",
+                "10",
+                "pool.connect_timeout",
+            ),
+            ("SPRINT_SIDECAR_POOL_SIZE", "0", "pool.size"),
+            ("SPRINT_SIDECAR_UPSTREAM_ALPN", "h3", "upstream.alpn"),
+        ] {
+            let err = load_text("", &[(name, value)], &Overrides::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("{key} (from environment variable {name}):")),
+                "{msg}"
+            );
+        }
+        // Booleans in any case; lists without empty items; each protocol once.
+        let env = [("SPRINT_SIDECAR_MEMORY_LOCK_ALL", "TRUE")];
+        assert!(
+            load_text("", &env, &Overrides::default())
+                .unwrap()
+                .memory
+                .lock_all
+        );
+        for alpn in ["h2,,http/1.1", "h2,", "h2,h2"] {
+            let env = [("SPRINT_SIDECAR_UPSTREAM_ALPN", alpn)];
+            let msg = load_text("", &env, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains("SPRINT_SIDECAR_UPSTREAM_ALPN"),
+                "{alpn}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn auth_header_may_not_name_a_framing_or_routing_header() {
+        for name in [
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "host",
+            "te",
+        ] {
+            let text = format!("[upstream]\nauth_header = \"{name}\"\n");
+            let msg = load_text(&text, &[], &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("upstream.auth_header"), "{name}: {msg}");
+        }
+        let text = "[upstream]\nauth_header = \"x-relay-key\"\n";
+        let c = load_text(text, &[], &Overrides::default()).expect("a custom header");
+        assert_eq!(c.upstream.auth_header.as_str(), "x-relay-key");
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub fn setup(cfg: &UpstreamConfig, pool_size: usize) -> Result<TlsSetup, TlsSetu
     let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
         (Some(cert), Some(key)) => Some(
             identity::load_client_identity(cert, key, cfg.allow_insecure_permissions, &provider())
-                .map_err(|e| TlsSetupError(format!("upstream.client_key_file: {e}")))?,
+                .map_err(|e| TlsSetupError(format!("{}: {e}", e.key())))?,
         ),
         _ => None,
     };

@@ -1735,6 +1735,10 @@ async fn an_x509_v1_client_certificate_is_refused_saying_how_to_fix_it() {
     let stderr = &output.stderr;
     assert!(stderr.contains(&cert.display().to_string()), "{stderr}");
     assert!(
+        stderr.contains("upstream.client_cert_file") && !stderr.contains("client_key_file"),
+        "the certificate's key is named: {stderr}"
+    );
+    assert!(
         stderr.contains("X.509 v1") && stderr.contains("v3"),
         "{stderr}"
     );

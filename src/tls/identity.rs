@@ -220,6 +220,19 @@ impl From<SecretError> for IdentityError {
     }
 }
 
+impl IdentityError {
+    /// The configuration key whose file is at fault: `upstream.client_cert_file` for a
+    /// certificate that cannot be read, `upstream.client_key_file` otherwise (a mismatch is
+    /// reported against the key, as replacing the key is the usual fix).
+    pub fn key(&self) -> &'static str {
+        match self.kind {
+            IdentityErrorKind::Certificate { .. }
+            | IdentityErrorKind::CertificateNotFound { .. } => "upstream.client_cert_file",
+            _ => "upstream.client_key_file",
+        }
+    }
+}
+
 impl fmt::Display for IdentityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
