@@ -208,7 +208,7 @@ async fn traffic(data: SocketAddr, every: Duration) {
 ///
 /// # Errors
 /// The relay or the sidecar could not start.
-pub async fn run(overrides: Overrides) -> Result<(), AppError> {
+pub async fn run(config: Option<&std::path::Path>, overrides: Overrides) -> Result<(), AppError> {
     let token = format!("Bearer demo-{:032x}", fastrand::u128(..));
     let relay = start_relay(Some(token.clone())).await?;
     let dir = std::env::temp_dir().join(format!("sprint-sidecar-demo-{}", std::process::id()));
@@ -218,7 +218,9 @@ pub async fn run(overrides: Overrides) -> Result<(), AppError> {
     write_private(&ca_path, relay.ca_pem.as_bytes())?;
     write_private(&token_path, token.as_bytes())?;
     drop(token);
-    // The operator's own SPRINT_SIDECAR_* settings apply (e.g. an admin token), then the demo's.
+    remove_stale_demo_dirs();
+    // The operator's own file and SPRINT_SIDECAR_* settings apply (e.g. an admin token or
+    // other ports), then the demo's: its relay, its CA and its token.
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with(crate::config::ENV_PREFIX))
         .collect();
@@ -226,6 +228,10 @@ pub async fn run(overrides: Overrides) -> Result<(), AppError> {
         (
             "SPRINT_SIDECAR_UPSTREAM_AUTH_TOKEN_FILE".to_string(),
             token_path.display().to_string(),
+        ),
+        (
+            "SPRINT_SIDECAR_UPSTREAM_AUTH_TOKEN_ENV".to_string(),
+            String::new(),
         ),
         (
             "SPRINT_SIDECAR_MEMORY_REQUIRE_LOCK".to_string(),
@@ -239,7 +245,7 @@ pub async fn run(overrides: Overrides) -> Result<(), AppError> {
         ..overrides
     };
     let cfg =
-        Config::load_from(None, &env, &overrides).map_err(|e| AppError::config(e.to_string()))?;
+        Config::load_from(config, &env, &overrides).map_err(|e| AppError::config(e.to_string()))?;
     let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
     let relay_addr = relay.addr;
@@ -269,6 +275,28 @@ pub async fn run(overrides: Overrides) -> Result<(), AppError> {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Removes the directories earlier demos left behind when they were killed (their relay CA
+/// and token; each token was only good for that demo's own relay): those whose process is
+/// gone. Directories of other users stay (their removal fails quietly).
+fn remove_stale_demo_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("sprint-sidecar-demo-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), AppError> {

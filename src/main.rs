@@ -35,13 +35,14 @@ enum Command {
     CheckConfig,
     /// Query a running sidecar's admin API and print the pool as a table.
     Status {
-        /// Base URL of the admin listener.
-        #[arg(long, default_value = "http://127.0.0.1:9091")]
-        admin: String,
+        /// Base URL of the admin listener [default: from the configuration's admin.address
+        /// (--config, SPRINT_SIDECAR_*, --admin-listen), http://127.0.0.1:9091 without one]
+        #[arg(long)]
+        admin: Option<String>,
         /// Print the raw JSON document.
         #[arg(long)]
         json: bool,
-        /// File holding the admin bearer token.
+        /// File holding the admin bearer token [default: the configuration's admin.token_file]
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
@@ -193,6 +194,34 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Where `status` asks, and with which token file: the flags when given, else the effective
+/// configuration's `admin.address` (a wildcard address asked on loopback) and
+/// `admin.token_file`, as `run` with the same file, variables and flags would listen.
+fn status_target(
+    args: &RunArgs,
+    admin: &Option<String>,
+    token_file: &Option<PathBuf>,
+) -> Result<(String, Option<PathBuf>), AppError> {
+    if let Some(admin) = admin
+        && token_file.is_some()
+    {
+        return Ok((admin.clone(), token_file.clone()));
+    }
+    let cfg = Config::load(args.config.as_deref(), &args.overrides())
+        .map_err(|e| AppError::config(e.to_string()))?;
+    let admin = admin.clone().unwrap_or_else(|| {
+        let mut addr = cfg.admin.address;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{addr}")
+    });
+    Ok((admin, token_file.clone().or(cfg.admin.token_file)))
+}
+
 fn main() -> ExitCode {
     // Wipe freed memory from the very start (configuration loading copies the environment,
     // which may hold the token); `[memory] wipe_freed_memory` may turn it off afterwards.
@@ -206,19 +235,23 @@ fn main() -> ExitCode {
             let a = &cli.run;
             init_tracing(LogFormat::Text, a.log_level.as_deref().unwrap_or("info"));
             runtime(RuntimeConfig::default().threads())
-                .and_then(|rt| rt.block_on(demo::run(a.overrides())))
+                .and_then(|rt| rt.block_on(demo::run(a.config.as_deref(), a.overrides())))
         }
         Some(Command::Status {
             admin,
             json,
             token_file,
         }) => {
+            let (admin, token_file) = match status_target(&cli.run, admin, token_file) {
+                Ok(target) => target,
+                Err(e) => return fail(&e),
+            };
             let token = match token_file.as_deref().map(status_cli::read_token_file) {
                 Some(Ok(t)) => Some(t),
                 Some(Err(e)) => return fail(&AppError::config(e.to_string())),
                 None => None,
             };
-            match runtime(1).map(|rt| rt.block_on(status_cli::run(admin, *json, token))) {
+            match runtime(1).map(|rt| rt.block_on(status_cli::run(&admin, *json, token))) {
                 Ok(Ok(true)) => Ok(()),
                 Ok(Ok(false)) => return ExitCode::from(1),
                 Ok(Err(e)) => Err(AppError::config(e.to_string())),

@@ -1431,6 +1431,58 @@ fn table_rows(stdout: &str) -> Vec<Vec<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn status_command_finds_the_admin_port_and_token_in_the_sidecars_configuration() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let token = random_token();
+    let relay = Relay::builder().protocol(Proto::H2).start().await;
+    let builder = Sidecar::builder().relay(&relay).pool_size(2);
+    let token_file = builder.write_file("admin.token", token.as_bytes(), 0o600);
+    let sidecar = builder
+        .set_str("admin", "address", &format!("127.0.0.1:{port}"))
+        .set_str("admin", "token_file", &token_file.display().to_string())
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    wait_all_active(&sidecar, 2).await;
+    let config = sidecar.config_path().display().to_string();
+    let cli = SidecarBuilder::new();
+
+    // No --admin, no --token-file: both from the file, as `run --config` used them.
+    let output = cli
+        .run_args(&["status".into(), "--config".into(), config.clone()])
+        .await;
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert_eq!(table_rows(&output.stdout).len(), 2, "{}", output.stdout);
+    assert!(!output.stdout.contains(&token) && !output.stderr.contains(&token));
+
+    // The same through the environment, the address given as the wildcard the chart binds.
+    let output = SidecarBuilder::new()
+        .env("SPRINT_SIDECAR_ADMIN_ADDRESS", &format!("0.0.0.0:{port}"))
+        .env(
+            "SPRINT_SIDECAR_ADMIN_TOKEN_FILE",
+            &token_file.display().to_string(),
+        )
+        .run_args(&["status".into(), "--json".into()])
+        .await;
+    assert_eq!(output.code, Some(0), "{output:?}");
+    assert!(
+        output.stdout.contains("\"connections\""),
+        "{}",
+        output.stdout
+    );
+
+    // --admin still wins over the file; without the token the answer is a 401.
+    let output = cli
+        .run_args(&status_args(&sidecar.admin_url(""), &[]))
+        .await;
+    assert_eq!(output.code, Some(2), "{output:?}");
+    assert!(output.stderr.contains("401"), "{output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn status_command_prints_one_row_per_connection_and_exits_0_when_healthy() {
     let (_relay, sidecar) = start(3, |builder| builder).await;
     wait_all_active(&sidecar, 3).await;

@@ -160,6 +160,41 @@ fn dashboard_reads_the_admin_token_from_the_url_fragment() {
     );
 }
 
+#[test]
+fn demo_takes_the_operators_configuration_file() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let token = "demo-config-test-token-42";
+    let token_file = dir.path().join("admin-token");
+    write_private_file(&token_file, token);
+    let config = dir.path().join("demo.toml");
+    // The file names another relay and an env token; the demo's own relay and token win.
+    write_private_file(
+        &config,
+        &format!(
+            "[admin]\ntoken_file = {:?}\n[upstream]\nendpoint = \"127.0.0.1:1\"\n\
+             auth_token_env = \"NO_SUCH_VARIABLE\"\n",
+            token_file.display().to_string()
+        ),
+    );
+    let config = config.to_str().expect("a UTF-8 temp path").to_owned();
+    let sidecar = Sidecar::start(&[("SPRINT_SIDECAR_CONFIG", config.as_str())]);
+    let (status, _, _) = http_get(sidecar.admin, "/api/v1/secure-channel/status", None);
+    assert_eq!(status, 401, "the file's admin token is in force");
+    let ids = sidecar.wait_for_connection_ids(Some(token));
+    assert!(!ids.is_empty(), "the pool lists its connections");
+    let (status, _, body) = http_get(sidecar.admin, "/api/v1/secure-channel/status", Some(token));
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&body).expect("the pool status is JSON");
+    assert_ne!(
+        doc["endpoint"], "127.0.0.1:1",
+        "the demo's relay wins: {doc}"
+    );
+    assert!(
+        doc["active_connections"].as_u64().unwrap_or(0) > 0,
+        "connected to the demo's relay: {doc}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The sidecar process
 
