@@ -594,8 +594,41 @@ impl Config {
             }
             e
         })?;
+        warnings.extend(config.inconsistencies());
         config.warnings = warnings;
         Ok(config)
+    }
+
+    /// Settings that are each valid but defeat one another: worth a warning, not a refusal.
+    fn inconsistencies(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        if self.pool.request_timeout > self.listener.request_deadline {
+            found.push(format!(
+                "pool.request_timeout ({}) is longer than listener.request_deadline ({}): every \
+                 attempt is cut at the deadline and a retry never has time",
+                human(self.pool.request_timeout),
+                human(self.listener.request_deadline)
+            ));
+        }
+        let u = &self.upstream;
+        if u.max_header_field_bytes > u.max_header_list_bytes {
+            found.push(format!(
+                "upstream.max_header_field_bytes ({}) is larger than \
+                 upstream.max_header_list_bytes ({}): no field can reach its own limit",
+                u.max_header_field_bytes, u.max_header_list_bytes
+            ));
+        }
+        if u.http1_read_ahead_total_bytes > 0
+            && u.http1_read_ahead_bytes > u.http1_read_ahead_total_bytes
+        {
+            found.push(format!(
+                "upstream.http1_read_ahead_bytes ({}) is larger than \
+                 upstream.http1_read_ahead_total_bytes ({}): one answer is held to the total",
+                u.http1_read_ahead_bytes, u.http1_read_ahead_total_bytes
+            ));
+        }
+        found
     }
 
     /// Things worth telling the operator that do not stop the sidecar (e.g. an unknown
@@ -1452,6 +1485,24 @@ mod tests {
                 msg.contains("SPRINT_SIDECAR_UPSTREAM_ALPN"),
                 "{alpn}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn settings_that_defeat_one_another_are_warned_about() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let text = "[listener]\nrequest_deadline = \"1s\"\n[pool]\nrequest_timeout = \"5s\"\n\
+                    [upstream]\nmax_header_field_bytes = 40000\nmax_header_list_bytes = 100\n\
+                    http1_read_ahead_bytes = 100\nhttp1_read_ahead_total_bytes = 10\n";
+        let c = load_text(text, &[], &Overrides::default()).expect("valid, with warnings");
+        let all = c.warnings().join("\n");
+        for key in [
+            "pool.request_timeout",
+            "upstream.max_header_field_bytes",
+            "upstream.http1_read_ahead_bytes",
+        ] {
+            assert!(all.contains(key), "{key}: {all}");
         }
     }
 
