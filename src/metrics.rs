@@ -251,7 +251,7 @@ impl Metrics {
         let breaker_state = Family::<Labels1, Gauge>::default();
         pool.register(
             "upstream_breaker_state",
-            "Circuit breaker of each pool slot: 0 closed, 1 half-open, 2 open",
+            "Circuit breaker of each pool slot (slot = connection_id of the status API): 0 closed, 1 half-open, 2 open",
             breaker_state.clone(),
         );
         let breaker_transitions = Family::<Labels2, Counter>::default();
@@ -287,7 +287,7 @@ impl Metrics {
         let upstream_latency_p95 = Family::<Labels1, Gauge<f64, AtomicU64>>::default();
         pool.register_with_unit(
             "upstream_latency_p95",
-            "p95 time to response headers of each pool slot over the last 60 s",
+            "p95 time to response headers of each pool slot (slot = connection_id) over the last 60 s",
             Unit::Seconds,
             upstream_latency_p95.clone(),
         );
@@ -335,8 +335,9 @@ impl Metrics {
         for to in ["half_open", "closed"] {
             let _ = breaker_transitions.get_or_create(&[("to", to), ("reason", "recovered")]);
         }
-        let slot_names = (0..pool_size)
-            .map(|i| &*Box::leak(i.to_string().into_boxed_str()))
+        // Slot `i` is named by its connection id, `i + 1`, as in the status API.
+        let slot_names = (1..=pool_size)
+            .map(|id| &*Box::leak(id.to_string().into_boxed_str()))
             .collect();
         Metrics {
             inner: Arc::new(Inner {
@@ -654,7 +655,10 @@ mod tests {
             );
             assert!(text.contains(&line), "{line}\n{text}");
         }
-        assert!(text.contains("sprint_sidecar_upstream_breaker_state{slot=\"1\"} 2"));
+        // Index 1 is connection 2: labels carry the status API's connection ids.
+        assert!(text.contains("sprint_sidecar_upstream_breaker_state{slot=\"1\"} 0"));
+        assert!(text.contains("sprint_sidecar_upstream_breaker_state{slot=\"2\"} 2"));
+        assert!(!text.contains("slot=\"0\""), "{text}");
         assert!(text.contains("sprint_sidecar_build_info{version="));
         assert!(text.ends_with("# EOF\n"));
         let pool = m.encode(&values, true);

@@ -623,9 +623,9 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
         "{context}"
     );
 
-    // Breaker state per slot: exactly the slots 0..pool.size-1.
+    // Breaker state per slot: exactly the slots 1..=pool.size, the status API's connection ids.
     let breakers = family(&families, "sprint_sidecar_upstream_breaker_state", "gauge");
-    let slots: BTreeSet<String> = (0..POOL_SIZE).map(|slot| slot.to_string()).collect();
+    let slots: BTreeSet<String> = (1..=POOL_SIZE).map(|slot| slot.to_string()).collect();
     assert_eq!(
         label_values(breakers, "sprint_sidecar_upstream_breaker_state", "slot"),
         slots
