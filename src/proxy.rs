@@ -300,8 +300,38 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     let mut target = parts.uri.into_parts();
     target.scheme = Some(http::uri::Scheme::HTTPS);
     target.authority = Some(authority);
-    if target.path_and_query.is_none() {
-        target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    match target
+        .path_and_query
+        .as_ref()
+        .map(http::uri::PathAndQuery::as_str)
+    {
+        None | Some("") => {
+            target.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        // An absolute-form target with a query and no path (`http://host?x=1`): the path is
+        // "/" (RFC 9112 §3.2.2), and HTTP/2 refuses a `:path` that does not start with it.
+        Some(q) if q.starts_with('?') => match format!("/{q}").parse() {
+            Ok(pq) => target.path_and_query = Some(pq),
+            Err(_) => {
+                return local(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "invalid request target",
+                ));
+            }
+        },
+        // The asterisk-form is for OPTIONS only (RFC 9112 §3.2.4).
+        Some("*") if parts.method != http::Method::OPTIONS => {
+            return local(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                    "the request target * is only valid with OPTIONS, not {}",
+                    parts.method
+                ),
+            ));
+        }
+        Some(_) => {}
     }
     let uri = match http::Uri::from_parts(target) {
         Ok(u) => u,
@@ -315,6 +345,9 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     };
     let idempotency_key = parts.headers.contains_key("idempotency-key");
     let mut headers = parts.headers;
+    if client_version == http::Version::HTTP_2 {
+        collapse_repeated_content_length(&mut headers);
+    }
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(&cfg.upstream.auth_header);
@@ -332,8 +365,36 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     match plane.upstream.send(head, body, deadline).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                // The sidecar never asks for an upgrade (Upgrade is hop-by-hop and dropped),
+                // so a 101 is an answer the client cannot use.
+                return local(json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    "the relay answered 101 Switching Protocols to a request that asked for \
+                     no upgrade",
+                ));
+            }
+            if parts.version != http::Version::HTTP_2
+                && parts.headers.contains_key(header::TRANSFER_ENCODING)
+            {
+                // An HTTP/1.1 relay that sent both: the length is the chunks', and a proxy
+                // must not forward the Content-Length (RFC 9112 §6.3). (HTTP/2 has neither.)
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             strip_hop_by_hop(&mut parts.headers);
-            if client_version != http::Version::HTTP_2 {
+            if client_version == http::Version::HTTP_10
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+                && !http_body::Body::is_end_stream(&body)
+            {
+                // An HTTP/1.0 client reads a body of unknown length until the connection
+                // closes (it has no chunked coding): say so rather than keep-alive. As
+                // HTTP/1.0, hyper then closes without appending its `keep-alive`.
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                parts.version = http::Version::HTTP_10;
+            } else if client_version != http::Version::HTTP_2 {
                 // The answer goes out in the client's protocol, not the relay's (an h2 relay's
                 // answer says HTTP/2). As HTTP/1.1, hyper announces `Connection: keep-alive`
                 // to an HTTP/1.0 client that asked to keep the connection, and writes the
@@ -411,11 +472,16 @@ async fn read_small_body(
             Poll::Pending => match tokio::time::timeout_at(deadline, incoming.frame()).await {
                 Ok(frame) => frame,
                 Err(_) => {
-                    return Err(local(json_error(
+                    let mut resp = json_error(
                         StatusCode::REQUEST_TIMEOUT,
                         "request_timeout",
                         "the request body did not arrive before listener.request_deadline",
-                    )));
+                    );
+                    // The rest of the body may still come: the connection cannot carry
+                    // another request.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return Err(local(resp));
                 }
             },
         };
@@ -733,6 +799,17 @@ pub fn valid_host(value: &[u8]) -> bool {
             Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
             Some(_) => false,
         }
+}
+
+/// Replaces repeated identical `Content-Length` values (already checked equal by
+/// [`content_length`]) with one, as HTTP/1.1 parsing does: an h2 relay refuses the repeat.
+fn collapse_repeated_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let first = first.clone();
+    headers.insert(header::CONTENT_LENGTH, first);
 }
 
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {

@@ -424,6 +424,38 @@ async fn path_and_query_are_unchanged(protocol: Proto) {
     }
 }
 
+/// Absolute-form targets reach the relay as origin-form (a query without a path gets the
+/// path "/", RFC 9112 §3.2.2); the asterisk-form is refused unless the method is OPTIONS.
+async fn request_target_forms(protocol: Proto) {
+    let (relay, sidecar) = start(protocol, |sidecar| sidecar).await;
+    for (target, expected) in [
+        ("http://app.example?x=1", "/?x=1"),
+        ("http://app.example/a?x=1", "/a?x=1"),
+        ("http://app.example", "/"),
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n\r\n");
+        let (_stream, status) = first_exchange(sidecar.data_addr(), request.as_bytes()).await;
+        assert_eq!(status, Some(200), "GET {target}");
+        let record = relay.requests().pop().expect("the relay saw the request");
+        assert_eq!(record.target, expected, "GET {target}");
+    }
+    relay.clear_requests();
+    let (_stream, status) =
+        first_exchange(sidecar.data_addr(), b"GET * HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert_eq!(status, Some(400), "GET * is refused here");
+    assert!(relay.requests().is_empty(), "GET * never reaches the relay");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_target_forms_reach_an_h2_relay_as_origin_form() {
+    request_target_forms(Proto::H2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_target_forms_reach_an_http1_relay_as_origin_form() {
+    request_target_forms(Proto::Http1).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn path_and_query_reach_an_h2_relay_unchanged() {
     path_and_query_are_unchanged(Proto::H2).await;
@@ -540,6 +572,50 @@ async fn idle_and_half_open_h2c_connections_are_closed_after_idle_timeout() {
                 Some(&[0u8, 0, 0, 0][..]),
                 "{what}: GOAWAY with NO_ERROR: {frames:?}"
             );
+        }
+    }
+}
+
+/// An h2c request that repeats one `Content-Length` value reaches the relay with it once,
+/// as an HTTP/1.1 request does (an h2 relay such as nginx refuses the repeat); values that
+/// disagree make the request malformed (a stream reset, RFC 9113 §8.1.1) and never reach it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_h2c_content_length_is_sent_once_and_disagreeing_ones_are_refused() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let tcp = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    for (values, agree) in [(["5", "5"], true), (["5", "6"], false)] {
+        let mut client = client.clone().ready().await.expect("ready for a stream");
+        let mut request = http::Request::post(sidecar.data_url("/repeated-length"))
+            .body(())
+            .expect("request");
+        for value in values {
+            request.headers_mut().append(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from_static(value),
+            );
+        }
+        relay.clear_requests();
+        let (response, mut send) = client.send_request(request, false).expect("sent");
+        send.send_data(Bytes::from_static(b"hello"), true)
+            .expect("body sent");
+        let response = response.await;
+        if agree {
+            let response = response.expect("answered");
+            assert_eq!(response.status(), 200, "content-length {values:?}");
+            let record = relay.requests().pop().expect("the relay saw the request");
+            let lengths: Vec<_> = record.headers.get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["5"], "content-length {values:?}");
+            assert_eq!(&record.body[..], b"hello");
+        } else {
+            match response {
+                Ok(response) => assert_eq!(response.status(), 400, "{values:?}"),
+                Err(e) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{e:?}"),
+            }
+            assert!(relay.requests().is_empty(), "content-length {values:?}");
         }
     }
 }
@@ -1850,6 +1926,75 @@ async fn a_relay_answering_invalid_http_gets_a_502_naming_the_bad_answer() {
                 detail.contains("relay connection failed: invalid"),
                 "{what}, {method}: the detail says the relay's answer was invalid: {detail}"
             );
+        }
+        assert_eq!(sidecar.admin_status("/health").await, Some(200), "{what}");
+    }
+}
+
+/// Two relay answers a client cannot use as they are: a 101 to a request that asked for no
+/// upgrade is a 502, and an answer with both `Transfer-Encoding: chunked` and a
+/// `Content-Length` is forwarded with its chunks' length, never the wrong one (RFC 9112 §6.3).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_upgrade_nobody_asked_for_is_a_502_and_a_chunked_length_wins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (what, lie) in [
+        (
+            "101",
+            &b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"[..],
+        ),
+        (
+            "chunked with a content-length",
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+        ),
+    ] {
+        let pki = support::Pki::new();
+        let addr = lying_http1_relay(&pki, lie).await;
+        let sidecar = Sidecar::builder()
+            .endpoint(&addr.to_string())
+            .server_name("relay.test")
+            .pki(pki.clone())
+            .pool_size(1)
+            .start()
+            .await;
+        sidecar.wait_ready().await;
+        for client_version in ["HTTP/1.1", "HTTP/1.0"] {
+            sidecar.wait_ready().await;
+            let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
+                .await
+                .expect("the data listener accepts connections");
+            let request = format!(
+                "GET /lie HTTP/{v}\r\nHost: app\r\nConnection: {c}\r\n\r\n",
+                v = &client_version[5..],
+                // An HTTP/1.0 client asking for keep-alive is told `close` when the answer
+                // can only end with the connection; a 502 with a length keeps it open.
+                c = if client_version == "HTTP/1.0" && what != "101" {
+                    "keep-alive"
+                } else {
+                    "close"
+                }
+            );
+            stream.write_all(request.as_bytes()).await.expect("sent");
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                .await
+                .unwrap_or_else(|_| panic!("{what}, {client_version}: answered and closed"))
+                .expect("read");
+            let text = String::from_utf8_lossy(&answer).to_lowercase();
+            if what == "101" {
+                let (error, detail) =
+                    assert_json_error(502, support::raw_body(&answer));
+                assert_eq!(error, "upstream_failed", "{detail}");
+                assert!(detail.contains("101"), "{detail}");
+            } else {
+                assert_eq!(support::raw_status(&answer), Some(200), "{text}");
+                assert!(!text.contains("content-length: 100"), "{text}");
+                assert!(text.ends_with("abc") || text.ends_with("abc\r\n0\r\n\r\n"), "{text}");
+                if client_version == "HTTP/1.0" {
+                    // Read until close: an HTTP/1.0 client must not be promised keep-alive.
+                    assert!(text.contains("connection: close"), "{text}");
+                    assert!(!text.contains("keep-alive"), "{text}");
+                }
+            }
         }
         assert_eq!(sidecar.admin_status("/health").await, Some(200), "{what}");
     }
