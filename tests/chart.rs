@@ -841,6 +841,39 @@ fn schema_rejects_bad_values() {
             &["--set", "sidecar.secrets.relayToken.secretName=Not_A_Name"],
             "secretName",
         ),
+        // Values the sidecar itself would refuse at start (check-config's ranges).
+        (
+            &["--set", "sidecar.config.pool.size=257"],
+            "/sidecar/config/pool/size",
+        ),
+        (
+            &["--set", "sidecar.config.retry.max_attempts=11"],
+            "max_attempts",
+        ),
+        (
+            &["--set", "sidecar.config.retry.budget_ratio=2"],
+            "budget_ratio",
+        ),
+        (
+            &["--set", "sidecar.config.pool.connect_timeout=0s"],
+            "connect_timeout",
+        ),
+        (
+            &["--set", "sidecar.config.upstream.endpoint=relay:0"],
+            "endpoint",
+        ),
+        (
+            &["--set", "sidecar.config.upstream.endpoint=relay:65536"],
+            "endpoint",
+        ),
+        (&["--set", "sidecar.config.log.level=verbose"], "level"),
+        (
+            &[
+                "--set",
+                "sidecar.config.upstream.auth_header=content-length",
+            ],
+            "auth_header",
+        ),
     ];
     for (args, mentions) in cases {
         let stderr = match helm_template(KUBE_VERSIONS[0], args) {
@@ -852,10 +885,57 @@ fn schema_rejects_bad_values() {
             "helm template {args:?}: expected a schema error naming {mentions:?}, got:\n{stderr}"
         );
     }
-    // Same port twice passes the schema but not the chart.
-    let stderr = helm_template(KUBE_VERSIONS[0], &["--set", "sidecar.ports.admin=9090"])
-        .expect_err("equal ports must fail");
-    assert!(stderr.contains("must be different ports"), "{stderr}");
+    // ... and accepts what the sidecar accepts.
+    for args in [
+        &["--set", "sidecar.config.listener.drain_timeout=0s"][..],
+        &["--set", "sidecar.config.pool.connect_timeout=1.5s"],
+        &["--set", "sidecar.config.log.level=DEBUG"],
+        &[
+            "--set",
+            "sidecar.config.log.level=info\\,sprint_sidecar=debug",
+        ],
+        &["--set-json", "sidecar.config.breaker.failure_rate=0"],
+        &["--set", "sidecar.config.pool.slow_ejection_ratio=1"],
+        &["--set", "sidecar.config.upstream.endpoint=relay:65535"],
+    ] {
+        if let Err(stderr) = helm_template(KUBE_VERSIONS[0], args) {
+            panic!("helm template {args:?} should pass the schema:\n{stderr}");
+        }
+    }
+    // Same port twice passes the schema but not the chart, also without the example pod
+    // (the ConfigMap alone would hold a configuration the sidecar refuses).
+    for extra in [&[][..], &["--set", "example.enabled=false"]] {
+        let mut args = vec!["--set", "sidecar.ports.admin=9090"];
+        args.extend_from_slice(extra);
+        let stderr = helm_template(KUBE_VERSIONS[0], &args).expect_err("equal ports must fail");
+        assert!(stderr.contains("must be different ports"), "{stderr}");
+    }
+    // A token variable no env entry sets would stop the sidecar at start.
+    let stderr = helm_template(
+        KUBE_VERSIONS[0],
+        &[
+            "--set",
+            "sidecar.config.upstream.auth_token_env=RELAY_TOKEN",
+        ],
+    )
+    .expect_err("an unset token variable must fail");
+    assert!(
+        stderr.contains("auth_token_env") && stderr.contains("sidecar.env"),
+        "{stderr}"
+    );
+    render(
+        KUBE_VERSIONS[0],
+        &[
+            "--set",
+            "sidecar.config.upstream.auth_token_env=RELAY_TOKEN",
+            "--set",
+            "sidecar.env[0].name=RELAY_TOKEN",
+            "--set",
+            "sidecar.env[0].valueFrom.secretKeyRef.name=relay",
+            "--set",
+            "sidecar.env[0].valueFrom.secretKeyRef.key=token",
+        ],
+    );
     // Kubernetes older than native sidecars is refused.
     let stderr = helm_template("1.28.0", &[]).expect_err("1.28 must be refused");
     assert!(stderr.contains("kubeVersion"), "{stderr}");

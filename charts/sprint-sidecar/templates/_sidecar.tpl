@@ -204,6 +204,19 @@ numbers, booleans and string arrays are valid TOML.
 {{- define "sprint-sidecar.config" -}}
 {{- $s := .Values.sidecar }}
 {{- $secrets := $s.secrets -}}
+{{- /* Checks the schema cannot express, here so that the ConfigMap fails too, not only a
+       pod spec that includes sprint-sidecar.container. */}}
+{{- if eq (int $s.ports.data) (int $s.ports.admin) }}
+{{- fail "sidecar.ports.data and sidecar.ports.admin must be different ports" }}
+{{- end }}
+{{- with $s.config.upstream.auth_token_env }}
+{{- $var := . }}
+{{- $found := false }}
+{{- range $s.env }}{{ if eq .name $var }}{{ $found = true }}{{ end }}{{ end }}
+{{- if not $found }}
+{{- fail (printf "sidecar.config.upstream.auth_token_env names %s, but sidecar.env sets no variable of that name (add {name: %s, valueFrom: {secretKeyRef: ...}}); the sidecar would refuse to start" $var $var) }}
+{{- end }}
+{{- end -}}
 # sidecar.toml rendered by the sprint-sidecar Helm chart from .Values.sidecar.config.
 # Keys commented "chart:" are derived from other values (ports, secrets, ca).
 {{- range $section := list "listener" "admin" "upstream" "pool" "breaker" "retry" "memory" "log" "runtime" }}
