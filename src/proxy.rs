@@ -365,6 +365,17 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
     match plane.upstream.send(head, body, deadline).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
+            if parts.status.as_u16() > 599 {
+                // HTTP has no status above 599 (RFC 9110 §15); clients cannot classify one.
+                return local(json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    &format!(
+                        "the relay answered with status {}, which HTTP does not define",
+                        parts.status.as_u16()
+                    ),
+                ));
+            }
             if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                 // The sidecar never asks for an upgrade (Upgrade is hop-by-hop and dropped),
                 // so a 101 is an answer the client cannot use.

@@ -66,11 +66,23 @@ pub struct UpstreamError {
     retry_after: Option<u64>,
 }
 
+/// `detail` without the documentation links some libraries append to their messages
+/// (rustls: "… close_notify: https://docs.rs/…"): the detail is for the client and the log.
+fn readable(mut detail: String) -> String {
+    if let Some(at) = detail.find(": https://") {
+        let end = detail[at + 2..]
+            .find(char::is_whitespace)
+            .map_or(detail.len(), |i| at + 2 + i);
+        detail.replace_range(at..end, "");
+    }
+    detail
+}
+
 impl UpstreamError {
     pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
         UpstreamError {
             kind: ErrorKind::Unavailable,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: true,
             refused: false,
             retry_after: Some(retry_after_secs),
@@ -80,7 +92,7 @@ impl UpstreamError {
     pub fn bad_gateway(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::BadGateway,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: true,
             refused: false,
             retry_after: None,
@@ -91,7 +103,7 @@ impl UpstreamError {
     pub fn reset(detail: impl Into<String>, never_sent: bool) -> Self {
         UpstreamError {
             kind: ErrorKind::BadGateway,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent,
             refused: false,
             retry_after: None,
@@ -103,7 +115,7 @@ impl UpstreamError {
     pub fn refused(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::BadGateway,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: true,
             refused: true,
             retry_after: None,
@@ -113,7 +125,7 @@ impl UpstreamError {
     pub fn timeout(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::Timeout,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: false,
             refused: false,
             retry_after: None,
@@ -125,7 +137,7 @@ impl UpstreamError {
     pub fn client_stalled(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::ClientStalled,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: false,
             refused: false,
             retry_after: None,
@@ -146,7 +158,7 @@ impl UpstreamError {
     pub fn deadline(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::Deadline,
-            detail: detail.into(),
+            detail: readable(detail.into()),
             never_sent: false,
             refused: false,
             retry_after: None,
@@ -534,5 +546,27 @@ impl Upstream {
                 Err((e, Some(slot)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::readable;
+
+    #[test]
+    fn documentation_links_are_cut_from_error_details() {
+        assert_eq!(
+            readable(
+                "relay stream failed: peer closed connection without sending TLS close_notify: \
+                 https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
+                    .into()
+            ),
+            "relay stream failed: peer closed connection without sending TLS close_notify"
+        );
+        assert_eq!(
+            readable("a: https://x.example/y (and more)".into()),
+            "a (and more)"
+        );
+        assert_eq!(readable("no link here".into()), "no link here");
     }
 }

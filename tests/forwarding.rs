@@ -2000,6 +2000,51 @@ async fn a_relay_upgrade_nobody_asked_for_is_a_502_and_a_chunked_length_wins() {
     }
 }
 
+/// Relay answers a client cannot use from an h2 relay: a status HTTP does not define, and an
+/// answer head larger than `listener.max_header_bytes` (h2's own limit is 16 MiB) are 502s;
+/// a head under the limit passes. The relay serves again afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_relay_status_past_599_or_an_oversized_answer_head_is_a_502() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_header_bytes", "16384")
+    })
+    .await;
+    for (fault, expected, mention) in [
+        (support::Fault::Status(999), 502, "999"),
+        (support::Fault::HugeHeader(40_000), 502, "max_header_bytes"),
+        (support::Fault::HugeHeader(4_000), 200, ""),
+    ] {
+        relay.set_fault(fault.clone());
+        let response = support::client()
+            .post(sidecar.data_url("/odd-answer"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: an answer: {e}"));
+        let status = response.status().as_u16();
+        let body = response.bytes().await.expect("body");
+        assert_eq!(
+            status,
+            expected,
+            "{fault:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if expected == 502 {
+            let (error, detail) = assert_json_error(502, &body);
+            assert_eq!(error, "upstream_failed", "{fault:?}");
+            assert!(detail.contains(mention), "{fault:?}: {detail}");
+        }
+    }
+    relay.set_fault(support::Fault::None);
+    sidecar.wait_ready().await;
+    let ok = support::client()
+        .get(sidecar.data_url("/after"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(ok.status(), 200);
+}
+
 /// A small body with a declared length is read whole before it is sent (so it can be sent
 /// again on a retry): one that arrives in pieces is joined, and one that stops arriving gets
 /// 408 at `listener.request_deadline`, with nothing sent to the relay.

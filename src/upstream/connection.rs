@@ -471,6 +471,15 @@ fn h2_error(e: &h2::Error, before_send: bool) -> UpstreamError {
     if is_orderly_refusal(e) {
         return UpstreamError::refused(format!("relay refused the stream: {e}"));
     }
+    if e.is_reset() && !e.is_remote() && e.reason() == Some(h2::Reason::PROTOCOL_ERROR) {
+        return UpstreamError::reset(
+            format!(
+                "the relay's answer broke HTTP/2's rules (a malformed head, or one larger than \
+                 listener.max_header_bytes): {e}"
+            ),
+            before_send,
+        );
+    }
     // A remote GOAWAY fails only the streams above its last-stream-id: never processed.
     let above_goaway = e.is_go_away() && e.is_remote();
     UpstreamError::reset(
@@ -874,6 +883,13 @@ pub async fn dial(
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(connection_window(max_streams))
                 .max_frame_size(64 * 1024)
+                // Answer heads as large as a client's may be (h2's default is 16 MiB); a
+                // larger one fails its stream, and the client gets a 502.
+                .max_header_list_size(
+                    u32::try_from(cfg.listener.max_header_bytes).unwrap_or(u32::MAX),
+                )
+                // The sidecar has no use for pushed answers: a PUSH_PROMISE is an error.
+                .enable_push(false)
                 .handshake::<_, Bytes>(Coalesce::new(stream))
                 .await
                 .map_err(|e| handshake_failed(&e))?;
@@ -911,8 +927,13 @@ pub async fn dial(
                     Ok(Err(e)) => {
                         return Err(DialError {
                             detail: format!(
-                                "relay closed the connection right after the TLS handshake ({e}); \
-                                 a required client certificate may be missing or rejected"
+                                "relay closed the connection right after the TLS handshake ({e}){}",
+                                if cfg.upstream.client_cert_file.is_some() {
+                                    "; it may have rejected the client certificate"
+                                } else {
+                                    "; it may require a client certificate \
+                                     (upstream.client_cert_file)"
+                                }
                             ),
                             certificate: false,
                             timeout: false,

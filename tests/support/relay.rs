@@ -96,6 +96,8 @@ pub enum Fault {
     /// Answer 200 with `Content-Length: 1000`, send the first [`PARTIAL_BODY`] bytes, then
     /// fail the body: hyper closes an HTTP/1.1 connection and resets an h2 stream.
     TruncateBody,
+    /// Answer 200 with one extra header (`x-huge`) of this many bytes.
+    HugeHeader(usize),
 }
 
 /// The bytes a [`Fault::StallBody`] or [`Fault::TruncateBody`] answer sends of its 1000.
@@ -773,6 +775,14 @@ async fn handle(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &serde_json::json!({"error": "reset failed"}),
             )
+        }
+        Fault::HugeHeader(size) => {
+            let _ = read_body(&inner, index, request.into_body()).await;
+            let mut response =
+                json_response(StatusCode::OK, &serde_json::json!({"huge_header": size}));
+            let value = HeaderValue::from_str(&"h".repeat(size)).expect("a valid header value");
+            response.headers_mut().insert("x-huge", value);
+            response
         }
         Fault::Status(code) => {
             let _ = read_body(&inner, index, request.into_body()).await;
