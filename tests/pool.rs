@@ -487,3 +487,55 @@ async fn read_ahead_bytes(sidecar: &Sidecar) -> u64 {
         .metric("sprint_sidecar_upstream_read_ahead_bytes")
         .await as u64
 }
+
+/// An h2 relay's SETTINGS_MAX_CONCURRENT_STREAMS caps each connection: with one stream per
+/// connection, six requests at once are all answered (they wait for the stream in the pool);
+/// a relay that allows none is not a usable connection: not ready, and a request gets 503
+/// at once instead of waiting inside h2 until `pool.request_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relays_stream_limit_caps_each_connection() {
+    let relay = Relay::builder()
+        .protocol(Proto::H2)
+        .max_concurrent_streams(1)
+        .start()
+        .await;
+    relay.set_fault(support::Fault::Delay(Duration::from_millis(100)));
+    let sidecar = Sidecar::builder().relay(&relay).pool_size(1).start().await;
+    sidecar.wait_ready().await;
+    let failures = traffic(&sidecar, "/limited", 6, 6).await;
+    assert!(
+        failures.is_empty(),
+        "every request answered 200: {failures:?}"
+    );
+
+    let closed = Relay::builder()
+        .protocol(Proto::H2)
+        .max_concurrent_streams(0)
+        .start()
+        .await;
+    let sidecar = Sidecar::builder()
+        .relay(&closed)
+        .pool_size(1)
+        .set("pool", "request_timeout", "\"5s\"")
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sidecar.admin_status("/ready").await, Some(503));
+    let started = std::time::Instant::now();
+    let response = support::client()
+        .get(sidecar.data_url("/none"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "at once, not after pool.request_timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        sidecar.logs_contain("SETTINGS_MAX_CONCURRENT_STREAMS 0"),
+        "the log says why: {:?}",
+        sidecar.logs()
+    );
+}

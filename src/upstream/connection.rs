@@ -170,6 +170,8 @@ pub struct Connection {
     pub latency: LatencyWindow,
     sender: Sender,
     permits: Arc<Semaphore>,
+    /// The stream slots it started with (see [`Connection::capacity`]).
+    max_streams: std::sync::atomic::AtomicUsize,
     closed: AtomicBool,
     draining: AtomicBool,
     /// The sidecar gave up on a request half sent (see [`Connection::abandon_request`]).
@@ -275,6 +277,29 @@ impl Connection {
     }
 
     /// Takes a request slot without waiting.
+    /// Lowers this h2 connection's stream slots to the relay's SETTINGS_MAX_CONCURRENT_STREAMS
+    /// when that is below `pool.max_streams_per_connection`, so that requests wait in the
+    /// pool (or go to another connection) rather than inside h2 for a stream the relay would
+    /// not open. Call once, before the connection is handed out. Returns the relay's limit.
+    fn adopt_relay_stream_limit(&self) -> Option<usize> {
+        let Sender::H2(sender) = &self.sender else {
+            return None;
+        };
+        let limit = sender.current_max_send_streams();
+        let slots = self.permits.available_permits();
+        if limit < slots {
+            self.permits.forget_permits(slots - limit);
+        }
+        self.max_streams.store(limit.min(slots), Ordering::Relaxed);
+        Some(limit)
+    }
+
+    /// How many requests this connection carries at once: `pool.max_streams_per_connection`
+    /// or the relay's lower limit for h2, 1 for HTTP/1.1.
+    pub fn capacity(&self) -> usize {
+        self.max_streams.load(Ordering::Relaxed)
+    }
+
     pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
     }
@@ -923,6 +948,16 @@ pub async fn dial(
                     Ok(Ok(_)) => {
                         let rtt = start.elapsed().as_micros().min(u64::MAX as u128 - 1) as u64;
                         conn.stats.ping_rtt_us.store(rtt, Ordering::Relaxed);
+                        // The relay's SETTINGS came before its PING answer.
+                        if conn.adopt_relay_stream_limit() == Some(0) {
+                            return Err(DialError {
+                                detail: "relay allows no streams on this connection \
+                                         (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
+                                    .to_owned(),
+                                certificate: false,
+                                timeout: false,
+                            });
+                        }
                     }
                     Ok(Err(e)) => {
                         return Err(DialError {
@@ -1002,6 +1037,7 @@ impl Connection {
             latency: LatencyWindow::new(),
             sender,
             permits: Arc::new(Semaphore::new(permits)),
+            max_streams: std::sync::atomic::AtomicUsize::new(permits),
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),

@@ -580,12 +580,7 @@ impl Pool {
                     last_transition: last.and_then(to_wall),
                     retry_after,
                     capacity: match conn.as_ref() {
-                        Some(c) if !c.is_closed() => match c.protocol {
-                            super::connection::Protocol::H2 => {
-                                self.cfg.pool.max_streams_per_connection.get()
-                            }
-                            super::connection::Protocol::Http1 => 1,
-                        },
+                        Some(c) if !c.is_closed() => c.capacity(),
                         _ => 0,
                     },
                     bytes_sent: conn

@@ -168,6 +168,7 @@ pub struct RelayBuilder {
     pki: Option<Arc<Pki>>,
     identity: Option<Identity>,
     require_client_certificate: bool,
+    max_concurrent_streams: Option<u32>,
 }
 
 impl RelayBuilder {
@@ -192,6 +193,12 @@ impl RelayBuilder {
     /// Require a client certificate issued by the PKI's CA (mTLS).
     pub fn require_client_certificate(mut self, required: bool) -> Self {
         self.require_client_certificate = required;
+        self
+    }
+
+    /// The SETTINGS_MAX_CONCURRENT_STREAMS an h2 relay announces (default: hyper's).
+    pub fn max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.max_concurrent_streams = Some(streams);
         self
     }
 
@@ -222,6 +229,7 @@ impl RelayBuilder {
             .expect("a bound listener has an address");
         let inner = Arc::new(Inner {
             protocol: self.protocol,
+            max_concurrent_streams: self.max_concurrent_streams,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             addr,
             fault: Mutex::new(Fault::None),
@@ -255,6 +263,7 @@ impl Relay {
             pki: None,
             identity: None,
             require_client_certificate: false,
+            max_concurrent_streams: None,
         }
     }
 
@@ -481,6 +490,7 @@ impl Drop for Relay {
 
 struct Inner {
     protocol: Proto,
+    max_concurrent_streams: Option<u32>,
     acceptor: TlsAcceptor,
     addr: SocketAddr,
     fault: Mutex<Fault>,
@@ -742,9 +752,11 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
         // Like a production h2 server (nginx, envoy), the relay writes the answers that are
         // ready in one event-loop turn together instead of one TLS record per stream.
         let io = TokioIo::new(Coalesce::new(tls));
-        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await;
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        if let Some(streams) = inner.max_concurrent_streams {
+            builder.max_concurrent_streams(streams);
+        }
+        let _ = builder.serve_connection(io, service).await;
     } else {
         let _ = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
