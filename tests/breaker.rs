@@ -530,3 +530,46 @@ async fn connection_documents_are_listed_and_looked_up() {
     assert_eq!(status, 200, "{health}");
     assert!(health["reason"].is_string(), "{health}");
 }
+
+/// A connection that dies takes every request in flight on it down at once: one event for
+/// its breaker, not one failure per stream. Eight POSTs in flight when the relay resets the
+/// connection fail (502), yet the breaker stays closed and the re-dialed connection serves at
+/// once; before, the eight opened it (`consecutive_failures = 5`) and the next requests got
+/// 503 for `open_duration`.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_lost_with_one_dying_connection_count_once_for_its_breaker() {
+    let (relay, sidecar) = start(|builder| {
+        builder
+            .pool_size(1)
+            .set_str("pool", "reconnect_backoff_initial", "10ms")
+    })
+    .await;
+    relay.set_fault(Fault::Delay(Duration::from_millis(300)));
+    let sidecar = Arc::new(sidecar);
+    let mut tasks = JoinSet::new();
+    for _ in 0..8 {
+        let sidecar = sidecar.clone();
+        tasks.spawn(async move { send(&sidecar, "POST", "/in-flight").await.status });
+    }
+    // Let all eight reach the relay, then kill the connection under them.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    relay.set_fault(Fault::None);
+    relay.close_connections();
+    let mut statuses = Vec::new();
+    while let Some(status) = tasks.join_next().await {
+        statuses.push(status.expect("request task"));
+    }
+    assert!(
+        statuses.iter().filter(|s| **s == 502).count() >= 5,
+        "the requests on the dead connection failed: {statuses:?}"
+    );
+    sidecar.wait_ready().await;
+    let connection = &connections(&sidecar).await[0];
+    assert_eq!(connection["circuit_breaker"], "closed", "{connection}");
+    assert_eq!(connection["breaker"]["transitions"], 0, "{connection}");
+    let answer = send(&sidecar, "POST", "/after").await;
+    assert_eq!(
+        answer.status, 200,
+        "served at once by the re-dialed connection"
+    );
+}

@@ -172,6 +172,9 @@ pub struct Connection {
     permits: Arc<Semaphore>,
     /// The stream slots it started with (see [`Connection::capacity`]).
     max_streams: std::sync::atomic::AtomicUsize,
+    /// A failure after the connection closed was judged by the breaker (see
+    /// [`Connection::failure_already_judged`]).
+    death_judged: AtomicBool,
     closed: AtomicBool,
     draining: AtomicBool,
     /// The sidecar gave up on a request half sent (see [`Connection::abandon_request`]).
@@ -258,6 +261,14 @@ impl Connection {
     fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
         self.closed_notify.notify_waiters();
+    }
+
+    /// For a failed request on this connection: whether it is one more casualty of the
+    /// connection's end, after the first was already judged. When a connection dies (a TCP
+    /// reset, a GOAWAY with an error) every request in flight on it fails at once; that is
+    /// one event for its breaker, not one per stream.
+    pub fn failure_already_judged(&self) -> bool {
+        self.is_closed() && self.death_judged.swap(true, Ordering::AcqRel)
     }
 
     /// Resolves when the connection has ended.
@@ -1038,6 +1049,7 @@ impl Connection {
             sender,
             permits: Arc::new(Semaphore::new(permits)),
             max_streams: std::sync::atomic::AtomicUsize::new(permits),
+            death_judged: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),

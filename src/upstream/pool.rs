@@ -488,6 +488,12 @@ impl Pool {
             slot.errors.fetch_add(1, Ordering::Relaxed);
         }
         slot.touch(self.unix_ms(now));
+        // The requests a dying connection takes down with it count once for its breaker.
+        let outcome = if outcome == Outcome::Failure && checkout.conn.failure_already_judged() {
+            Outcome::NotJudged
+        } else {
+            outcome
+        };
         if let Some(admission) = checkout.admission.take() {
             let t = slot.with_breaker(|b| match outcome {
                 Outcome::Success => b.on_success(admission, now),
