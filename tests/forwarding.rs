@@ -1880,6 +1880,21 @@ async fn lying_http1_relay(pki: &support::Pki, answer: &'static [u8]) -> std::ne
     addr
 }
 
+/// A ready sidecar with one connection to a [`lying_http1_relay`] that answers `lie`.
+async fn behind_lying_http1_relay(lie: &'static [u8]) -> Sidecar {
+    let pki = support::Pki::new();
+    let addr = lying_http1_relay(&pki, lie).await;
+    let sidecar = Sidecar::builder()
+        .endpoint(&addr.to_string())
+        .server_name("relay.test")
+        .pki(pki.clone())
+        .pool_size(1)
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    sidecar
+}
+
 /// A relay whose answers are not valid HTTP (a status line that is not one, a
 /// `Content-Length` that is not a number, two lengths that disagree) costs the client a
 /// 502 JSON error that says the relay's answer was bad, never a hang, a crash or a
@@ -1897,16 +1912,7 @@ async fn a_relay_answering_invalid_http_gets_a_502_naming_the_bad_answer() {
             &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 9\r\n\r\n{}"[..],
         ),
     ] {
-        let pki = support::Pki::new();
-        let addr = lying_http1_relay(&pki, lie).await;
-        let sidecar = Sidecar::builder()
-            .endpoint(&addr.to_string())
-            .server_name("relay.test")
-            .pki(pki.clone())
-            .pool_size(1)
-            .start()
-            .await;
-        sidecar.wait_ready().await;
+        let sidecar = behind_lying_http1_relay(lie).await;
         // A GET is retried (idempotent); with the one connection gone, the client is told
         // what the relay did, not that no connection was left. A POST is not retried.
         for method in [reqwest::Method::GET, reqwest::Method::POST] {
@@ -1947,16 +1953,7 @@ async fn a_relay_upgrade_nobody_asked_for_is_a_502_and_a_chunked_length_wins() {
             &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
         ),
     ] {
-        let pki = support::Pki::new();
-        let addr = lying_http1_relay(&pki, lie).await;
-        let sidecar = Sidecar::builder()
-            .endpoint(&addr.to_string())
-            .server_name("relay.test")
-            .pki(pki.clone())
-            .pool_size(1)
-            .start()
-            .await;
-        sidecar.wait_ready().await;
+        let sidecar = behind_lying_http1_relay(lie).await;
         for client_version in ["HTTP/1.1", "HTTP/1.0"] {
             sidecar.wait_ready().await;
             let mut stream = tokio::net::TcpStream::connect(sidecar.data_addr())
