@@ -304,6 +304,14 @@ async fn failed_probe_reopens_the_breaker() {
         connection["breaker"]["trip_reason"], "probe_failed",
         "{connection}"
     );
+    // A failed probe also replaces the connection (the fault may be its own state): the
+    // relay sees a second TLS connection, and the breaker stays open meanwhile.
+    support::eventually(Duration::from_secs(5), "a fresh connection", || async {
+        (relay.tls_accepted() >= 2).then_some(())
+    })
+    .await;
+    let connection = &connections(&sidecar).await[0];
+    assert_eq!(connection["circuit_breaker"], "open", "{connection}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -526,6 +526,12 @@ impl Pool {
             ),
         }
         self.metrics.breaker_transition(t.to, t.reason);
+        if t.to == BreakerState::Open && t.reason == Some(TripReason::ProbeFailed) {
+            // The connection failed again after a rest: the fault may be its own state (a
+            // send window the relay never reopens, a stuck stream), which only a fresh
+            // connection clears. Replaced gracefully; the breaker keeps its state.
+            slot.eject.notify_one();
+        }
         self.changed.notify_waiters();
     }
 
@@ -793,7 +799,10 @@ async fn supervise(
                         None
                     }
                     _ = slot.eject.notified() => {
-                        info!("replacing relay connection (slow, or the credential changed)");
+                        info!(
+                            "replacing relay connection (slow, a failed breaker probe, or the \
+                             credential changed)"
+                        );
                         backoff.reset();
                         None
                     }
