@@ -1646,6 +1646,13 @@ async fn relay_down_gets_a_json_error() {
         String::from_utf8_lossy(&body)
     );
     assert_json_error(status, &body);
+    // The operator sees it in the log (at most one such line a second).
+    support::eventually(Duration::from_secs(3), "the failure in the log", || async {
+        sidecar
+            .logs_contain("a client was answered with an upstream error")
+            .then_some(())
+    })
+    .await;
 }
 
 // ---- a relay that fails in the middle of a body ----
