@@ -287,7 +287,6 @@ impl Connection {
         self.permits.available_permits()
     }
 
-    /// Takes a request slot without waiting.
     /// Lowers this h2 connection's stream slots to the relay's SETTINGS_MAX_CONCURRENT_STREAMS
     /// when that is below `pool.max_streams_per_connection`, so that requests wait in the
     /// pool (or go to another connection) rather than inside h2 for a stream the relay would
@@ -311,6 +310,7 @@ impl Connection {
         self.max_streams.load(Ordering::Relaxed)
     }
 
+    /// Takes a request slot without waiting.
     pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
     }
