@@ -868,7 +868,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names, and
-/// `TE` unless it is exactly `trailers`. One scan over the few names present first: most
+/// `TE` except its `trailers` item. One scan over the few names present first: most
 /// requests and responses carry none, and then nothing else is done.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
@@ -898,10 +898,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in present {
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers {
+    // `TE: trailers, deflate` still says the client accepts trailers: that part goes on (the
+    // only TE value HTTP/2 allows), the codings of this hop do not.
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|item| item.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    } else {
         headers.remove(header::TE);
     }
 }
@@ -1037,6 +1043,21 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn te_with_trailers_among_codings_is_reduced_to_trailers() {
+        let mut h = HeaderMap::new();
+        h.append(header::TE, HeaderValue::from_static("deflate;q=0.5"));
+        h.append(header::TE, HeaderValue::from_static(" Trailers , gzip"));
+        strip_hop_by_hop(&mut h);
+        let te: Vec<_> = h.get_all(header::TE).iter().collect();
+        assert_eq!(te, [HeaderValue::from_static("trailers")]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailersx, gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE), "{h:?}");
     }
 
     /// A body as hyper gives a chunked one: no known length.
