@@ -60,9 +60,12 @@ pub struct UpstreamError {
     detail: String,
     never_sent: bool,
     /// The relay declined the request in an orderly way before processing it (a graceful
-    /// GOAWAY above its stream, REFUSED_STREAM, a kept-alive connection it had closed): not
-    /// a sign of sickness, so no breaker failure, and a retry does not use up an attempt.
+    /// GOAWAY above its stream, REFUSED_STREAM, a kept-alive connection it had closed), so
+    /// a retry does not use up an attempt.
     refused: bool,
+    /// The refusal still counts against the connection's breaker: a REFUSED_STREAM on a
+    /// connection that stays open (see [`UpstreamError::refused_stream`]).
+    blames_connection: bool,
     retry_after: Option<u64>,
 }
 
@@ -85,6 +88,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: true,
             refused: false,
+            blames_connection: false,
             retry_after: Some(retry_after_secs),
         }
     }
@@ -95,6 +99,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: true,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -106,6 +111,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -118,7 +124,22 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: true,
             refused: true,
+            blames_connection: false,
             retry_after: None,
+        }
+    }
+
+    /// The relay reset the stream with REFUSED_STREAM on a connection it keeps open: the
+    /// request was not processed, so it is retried like any refusal (no attempt used up). But
+    /// the stream limit the relay announced is kept (see `Connection::adopt_relay_stream_limit`),
+    /// so a compliant relay refuses only when it will not work (overload, shutdown, a fault),
+    /// and the refusal counts as a failure for the connection's breaker: a relay that refuses
+    /// every stream trips the breakers and the pool fails fast, where it looked healthy while
+    /// every request failed.
+    pub fn refused_stream(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            blames_connection: true,
+            ..UpstreamError::refused(detail)
         }
     }
 
@@ -128,6 +149,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: false,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -140,6 +162,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: false,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -151,6 +174,7 @@ impl UpstreamError {
             detail,
             never_sent: false,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -161,6 +185,7 @@ impl UpstreamError {
             detail: readable(detail.into()),
             never_sent: false,
             refused: false,
+            blames_connection: false,
             retry_after: None,
         }
     }
@@ -184,9 +209,16 @@ impl UpstreamError {
 
     /// The relay declined the request in an orderly way before processing it (GOAWAY with
     /// NO_ERROR above its stream id, REFUSED_STREAM, or a connection it had already closed
-    /// or sent GOAWAY on): the connection is going away, the relay is not sick.
+    /// or sent GOAWAY on): a retry does not use up an attempt. Only REFUSED_STREAM also
+    /// counts for the breaker ([`UpstreamError::blames_connection`]).
     pub fn is_refused(&self) -> bool {
         self.refused
+    }
+
+    /// The failure counts against the connection's breaker even though it is a refusal (see
+    /// [`UpstreamError::refused_stream`]).
+    pub fn blames_connection(&self) -> bool {
+        self.blames_connection
     }
 
     /// Seconds for `Retry-After`, for 503 answers.
@@ -505,10 +537,10 @@ impl Upstream {
                 Err((fault, Some(slot)))
             }
             Ok(Err(e)) => {
-                let (outcome, label) = if e.is_refused() {
-                    (Outcome::Refused, AttemptOutcome::Refused)
-                } else {
-                    (Outcome::Failure, AttemptOutcome::Failure)
+                let (outcome, label) = match (e.is_refused(), e.blames_connection()) {
+                    (true, false) => (Outcome::Refused, AttemptOutcome::Refused),
+                    (true, true) => (Outcome::Failure, AttemptOutcome::Refused),
+                    (false, _) => (Outcome::Failure, AttemptOutcome::Failure),
                 };
                 self.metrics.attempt(label, elapsed);
                 self.pool.finish(checkout, outcome, None, ended);

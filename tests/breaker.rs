@@ -581,3 +581,72 @@ async fn requests_lost_with_one_dying_connection_count_once_for_its_breaker() {
         "served at once by the re-dialed connection"
     );
 }
+
+/// A relay that resets every stream with REFUSED_STREAM on connections it keeps open (an
+/// overloaded or stuck relay) is sick: each refusal is retried without using up an attempt,
+/// and also counts for its connection's breaker, so the breakers open, the pool fails fast
+/// and is not ready, and it recovers once the relay takes streams again. (Before, every
+/// request was retried and answered 502 in turn while `/ready` said 200.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_refusing_every_stream_trips_the_breakers_and_the_pool_recovers() {
+    let (relay, sidecar) = start(|sidecar| {
+        sidecar
+            .pool_size(2)
+            .set("breaker", "consecutive_failures", "3")
+            .set_str("breaker", "open_duration", "3s")
+            .set_str("breaker", "max_open_duration", "3s")
+    })
+    .await;
+    relay
+        .wait_for_open_connections(2, support::EVENTUALLY)
+        .await;
+    relay.set_fault(Fault::RefuseStreams);
+
+    let mut statuses = Vec::new();
+    let fail_fast = loop {
+        let answer = send(&sidecar, "GET", "/refused").await;
+        assert!(!answer.from_relay, "a refused stream has no answer");
+        statuses.push(answer.status);
+        if answer.is_fail_fast() {
+            break answer;
+        }
+        assert!(
+            statuses.len() < 10,
+            "no fail-fast answer: {statuses:?}; logs:\n{}",
+            sidecar.logs().join("\n")
+        );
+    };
+    fail_fast.assert_fail_fast(Duration::from_secs(1));
+    assert!(
+        statuses
+            .iter()
+            .all(|&status| status == 502 || status == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        relay.refused_streams(),
+        6,
+        "each of the 2 connections takes 3 refusals before its breaker opens"
+    );
+    assert_eq!(relay.request_count(), 0, "nothing was processed");
+    assert_eq!(sidecar.admin_status("/ready").await, Some(503));
+    for connection in connections(&sidecar).await {
+        assert_eq!(connection["circuit_breaker"], "open", "{connection}");
+        assert_eq!(
+            connection["breaker"]["trip_reason"], "consecutive_failures",
+            "{connection}"
+        );
+    }
+
+    // The relay takes streams again: a half-open probe succeeds and traffic resumes.
+    relay.set_fault(Fault::None);
+    support::eventually(Duration::from_secs(15), "traffic resumes", || async {
+        let answer = send(&sidecar, "GET", "/again").await;
+        (answer.status == 200 && answer.from_relay).then_some(())
+    })
+    .await;
+    support::eventually(Duration::from_secs(15), "ready again", || async {
+        (sidecar.admin_status("/ready").await == Some(200)).then_some(())
+    })
+    .await;
+}

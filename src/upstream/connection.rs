@@ -505,7 +505,12 @@ impl Drop for Pump {
 /// Classifies an h2 error; `before_send` when no frame of the request was written.
 fn h2_error(e: &h2::Error, before_send: bool) -> UpstreamError {
     if is_orderly_refusal(e) {
-        return UpstreamError::refused(format!("relay refused the stream: {e}"));
+        let detail = format!("relay refused the stream: {e}");
+        return if e.is_go_away() {
+            UpstreamError::refused(detail)
+        } else {
+            UpstreamError::refused_stream(detail)
+        };
     }
     if e.is_reset() && !e.is_remote() && e.reason() == Some(h2::Reason::PROTOCOL_ERROR) {
         return UpstreamError::reset(

@@ -98,6 +98,10 @@ pub enum Fault {
     TruncateBody,
     /// Answer 200 with one extra header (`x-huge`) of this many bytes.
     HugeHeader(usize),
+    /// h2 only: reset every stream with REFUSED_STREAM before looking at it (an overloaded
+    /// or shutting-down relay that keeps its connections open). Refused requests are not
+    /// recorded; [`Relay::refused_streams`] counts them.
+    RefuseStreams,
 }
 
 /// The bytes a [`Fault::StallBody`] or [`Fault::TruncateBody`] answer sends of its 1000.
@@ -238,6 +242,7 @@ impl RelayBuilder {
             next_connection_id: AtomicU64::new(1),
             tcp_accepted: AtomicU64::new(0),
             tls_accepted: AtomicU64::new(0),
+            refused_streams: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -416,6 +421,10 @@ impl Relay {
     }
 
     /// TLS handshakes completed: the number of TLS connections the sidecar opened.
+    pub fn refused_streams(&self) -> u64 {
+        self.inner.refused_streams.load(Ordering::SeqCst)
+    }
+
     pub fn tls_accepted(&self) -> u64 {
         self.inner.tls_accepted.load(Ordering::SeqCst)
     }
@@ -499,6 +508,7 @@ struct Inner {
     next_connection_id: AtomicU64,
     tcp_accepted: AtomicU64,
     tls_accepted: AtomicU64,
+    refused_streams: AtomicU64,
     handshake_failures: AtomicU64,
     /// Every connection ever accepted.
     connections: Mutex<HashMap<u64, ConnectionInfo>>,
@@ -738,16 +748,23 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
     }
     inner.tls_accepted.fetch_add(1, Ordering::SeqCst);
 
-    let service_inner = inner.clone();
-    let service = hyper::service::service_fn(move |request| {
-        let inner = service_inner.clone();
-        async move { Ok::<_, Infallible>(handle(inner, id, request).await) }
-    });
     let speaks_h2 = match alpn.as_deref() {
         Some("h2") => true,
         Some(_) => false,
         None => inner.protocol == Proto::H2,
     };
+    let service_inner = inner.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let inner = service_inner.clone();
+        async move {
+            if speaks_h2 && inner.fault_for(id) == Fault::RefuseStreams {
+                inner.refused_streams.fetch_add(1, Ordering::SeqCst);
+                // hyper resets an h2 stream with the reason of the service's h2 error.
+                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+            }
+            Ok(handle(inner, id, request).await)
+        }
+    });
     if speaks_h2 {
         // Like a production h2 server (nginx, envoy), the relay writes the answers that are
         // ready in one event-loop turn together instead of one TLS record per stream.
@@ -830,7 +847,10 @@ async fn handle(
             tokio::time::sleep(delay).await;
             route(&inner, connection_id, index, request).await
         }
-        Fault::None | Fault::AcceptThenClose => route(&inner, connection_id, index, request).await,
+        // RefuseStreams: HTTP/1.1 has no stream to refuse, so the request is answered.
+        Fault::None | Fault::AcceptThenClose | Fault::RefuseStreams => {
+            route(&inner, connection_id, index, request).await
+        }
     };
     response
         .headers_mut()
