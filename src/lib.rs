@@ -25,6 +25,7 @@ pub mod credential;
 pub mod demo;
 pub mod hardening;
 pub mod latency;
+pub mod log_limit;
 pub mod metrics;
 pub mod proxy;
 pub mod response;

@@ -430,24 +430,18 @@ async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> R
 /// Logs an upstream failure a client was answered with, at most once a second (saying how
 /// many were not logged since), so that an outage shows in the log without flooding it.
 fn log_upstream_failure(e: &UpstreamError) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
-    static NOT_LOGGED: AtomicU64 = AtomicU64::new(0);
+    static LIMIT: crate::log_limit::OncePerSecond = crate::log_limit::OncePerSecond::new();
     if e.kind() == crate::upstream::ErrorKind::ClientStalled {
         return; // the client's fault, answered 408
     }
-    let second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if LAST_SECOND.swap(second, Relaxed) == second {
-        NOT_LOGGED.fetch_add(1, Relaxed);
+    let Some(not_logged_since) = LIMIT.admit() else {
         return;
-    }
+    };
     tracing::warn!(
         status = e.status().as_u16(),
         error = e.code(),
         detail = e.detail(),
-        not_logged_since = NOT_LOGGED.swap(0, Relaxed),
+        not_logged_since,
         "a client was answered with an upstream error"
     );
 }

@@ -510,7 +510,7 @@ impl Upstream {
         match sent {
             Ok(Ok(mut resp)) => {
                 resp.body_mut()
-                    .count_failures_in(checkout.slot.error_counter());
+                    .count_failures_in(checkout.slot.error_counter(), checkout.slot.id());
                 let failed = matches!(resp.status().as_u16(), 502..=504);
                 let outcome = if failed {
                     Outcome::Failure

@@ -1709,6 +1709,21 @@ async fn body_failure_is_not_a_short_answer(protocol: Proto, fault: support::Fau
         },
     )
     .await;
+    // The cut is logged, with the connection and why.
+    let logged = sidecar
+        .logs()
+        .into_iter()
+        .find(|line| line.contains("the client's connection was cut"));
+    let logged = logged.unwrap_or_else(|| {
+        panic!(
+            "{fault:?}: the cut body is not logged:\n{}",
+            sidecar.logs().join("\n")
+        )
+    });
+    assert!(
+        logged.contains("WARN") && logged.contains("connection_id=1"),
+        "{logged}"
+    );
     let after = sidecar
         .client()
         .get(sidecar.data_url("/blocks/latest"))

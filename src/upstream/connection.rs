@@ -652,8 +652,9 @@ pub struct ResponseBody {
     inner: Inner,
     guard: Option<InFlight>,
     stall: StallClock,
-    /// Where failures of this body are counted (the pool slot's error counter).
-    failures: Option<Arc<AtomicU64>>,
+    /// Where failures of this body are counted (the pool slot's error counter), and the
+    /// slot's connection id for the log.
+    failures: Option<(Arc<AtomicU64>, u64)>,
     /// The request body's pump (h2, streamed request bodies), stopped with this body.
     pump: Option<Pump>,
 }
@@ -739,9 +740,10 @@ impl ResponseBody {
         }
     }
 
-    /// Counts a failure of this body (reset, truncated, stalled) in `counter`.
-    pub fn count_failures_in(&mut self, counter: Arc<AtomicU64>) {
-        self.failures = Some(counter);
+    /// Counts a failure of this body (reset, truncated, stalled) in `counter`, and logs it
+    /// (at most once a second) with `connection_id`.
+    pub fn count_failures_in(&mut self, counter: Arc<AtomicU64>, connection_id: u64) {
+        self.failures = Some((counter, connection_id));
     }
 
     fn count(&self, n: usize) {
@@ -756,9 +758,21 @@ impl ResponseBody {
         self.stall.stop();
     }
 
-    fn fail(&mut self) {
-        if let Some(counter) = self.failures.take() {
+    fn fail(&mut self, e: &BoxError) {
+        static LIMIT: crate::log_limit::OncePerSecond = crate::log_limit::OncePerSecond::new();
+        if let Some((counter, connection_id)) = self.failures.take() {
             counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(not_logged_since) = LIMIT.admit() {
+                // The head is already with the client: its connection is cut, the only way
+                // HTTP/1.1 has to say the body is not whole.
+                tracing::warn!(
+                    connection_id,
+                    detail = %e,
+                    not_logged_since,
+                    "a relay answer failed after its head was forwarded; the client's \
+                     connection was cut"
+                );
+            }
         }
         if let (Inner::Http1(_), Some(g)) = (&self.inner, &self.guard) {
             // hyper drops an HTTP/1.1 connection whose response was not read to the end.
@@ -824,7 +838,7 @@ impl Body for ResponseBody {
                     this.count(d.len());
                 }
             }
-            Some(Err(_)) => this.fail(),
+            Some(Err(e)) => this.fail(e),
             None => this.finish(),
         }
         Poll::Ready(polled)
