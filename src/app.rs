@@ -14,6 +14,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::admin::{self, AdminState, MemoryReport, TokenCheck};
 use crate::config::Config;
 use crate::credential::TokenCredential;
+use crate::event_loops::EventLoops;
 use crate::hardening::{self, HardeningState};
 use crate::metrics::{Metrics, WatchedFile};
 use crate::proxy::{self, DataPlane};
@@ -254,8 +255,11 @@ pub async fn run(
     let data_stop = Shutdown::new();
     let background = Shutdown::new();
     let tls_setup = tls.clone();
+    let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
+        .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
     let pool = Pool::new(cfg.clone(), tls, metrics.clone());
-    pool.start(background.subscribe());
+    pool.start(background.subscribe(), &loops);
+    let loops = Arc::new(loops);
     let source = credential.clone().map(|c| c as Arc<dyn CredentialSource>);
     let upstream = Arc::new(Upstream::new(pool.clone(), metrics.clone(), source));
     // A file that changed is counted; a new relay token or client identity also makes the
@@ -312,7 +316,7 @@ pub async fn run(
     });
     let plane = Arc::new(DataPlane::new(upstream, cfg.clone(), metrics));
     let data_task = tokio::spawn(
-        proxy::serve(data_listener, plane, data_stop.subscribe())
+        proxy::serve(data_listener, plane, data_stop.subscribe(), loops.clone())
             .instrument(info_span!("data_listener")),
     );
     let admin_task = tokio::spawn(
@@ -343,6 +347,10 @@ pub async fn run(
         .await;
     background.trigger();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), admin_task).await;
+    // 4. The other event loops, once nothing of the data plane runs on them.
+    if let Ok(mut loops) = Arc::try_unwrap(loops) {
+        loops.stop();
+    }
     info!("sprint-sidecar stopped");
     Ok(())
 }

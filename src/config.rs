@@ -170,20 +170,24 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// The event loop the whole process runs on.
+/// The event loops the data plane runs on (see `event_loops`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeConfig {
-    /// Worker threads of the tokio runtime; 0 = one per available core.
+    /// Event loops, one thread each; 0 = one per available core, at most one per pool
+    /// connection.
     pub worker_threads: usize,
 }
 
 impl RuntimeConfig {
-    /// The number of worker threads to start: `worker_threads`, or with 0 one per core the
-    /// process may use (`available_parallelism` counts the CPU affinity mask and the cgroup
-    /// CPU quota).
-    pub fn threads(&self) -> usize {
+    /// The number of event loops to run: `worker_threads`, or with 0 one per core the process
+    /// may use (`available_parallelism` counts the CPU affinity mask and the cgroup CPU
+    /// quota), but no more than `pool_size`, so that every loop owns a relay connection.
+    pub fn event_loops(&self, pool_size: usize) -> usize {
         match self.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(pool_size)
+                .max(1),
             n => n,
         }
     }
@@ -1527,22 +1531,27 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_default_to_one_event_loop_and_zero_means_one_per_core() {
+    fn worker_threads_default_to_one_event_loop_and_zero_means_one_per_core_up_to_the_pool() {
         let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
         assert_eq!(c.runtime.worker_threads, 1);
-        assert_eq!(c.runtime.threads(), 1);
+        assert_eq!(c.runtime.event_loops(4), 1);
         let env = [("SPRINT_SIDECAR_RUNTIME_WORKER_THREADS", "0")];
         let c = load_text("", &env, &Overrides::default()).expect("0 is valid");
         assert_eq!(c.runtime.worker_threads, 0);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(c.runtime.threads(), cores);
+        assert_eq!(c.runtime.event_loops(1024), cores);
+        assert_eq!(
+            c.runtime.event_loops(1),
+            1,
+            "no more loops than pool connections"
+        );
         let c = load_text(
             "[runtime]\nworker_threads = 3\n",
             &[],
             &Overrides::default(),
         )
         .expect("3 is valid");
-        assert_eq!(c.runtime.threads(), 3);
+        assert_eq!(c.runtime.event_loops(2), 3, "as many as asked for");
         for bad in ["-1", "5000"] {
             let text = format!("[runtime]\nworker_threads = {bad}\n");
             let err = load_text(&text, &[], &Overrides::default()).unwrap_err();

@@ -23,6 +23,7 @@ pub mod app;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod event_loops;
 pub mod hardening;
 pub mod latency;
 pub mod log_limit;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sprint_sidecar::app::{self, AppError};
-use sprint_sidecar::config::{Config, LogFormat, Overrides, RuntimeConfig};
+use sprint_sidecar::config::{Config, LogFormat, Overrides};
 use sprint_sidecar::shutdown::Shutdown;
 use sprint_sidecar::{demo, secret, status_cli};
 
@@ -115,18 +115,10 @@ fn fail(e: &AppError) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
-/// The tokio runtime with `threads` workers. One worker runs a single-threaded event loop: the
-/// same work without the cross-thread queues and wake-ups of the work-stealing scheduler, the
-/// shape of one nginx worker process.
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, AppError> {
-    let mut builder = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(threads);
-        builder
-    };
-    builder
+/// The main thread's runtime: event loop 0 of the data plane (`app::run` starts the others,
+/// see `event_loops`), the admin listener and the background tasks.
+fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| AppError::runtime(format!("cannot start the runtime: {e}")))
@@ -153,13 +145,7 @@ fn run(args: &RunArgs) -> Result<(), AppError> {
     // Hardening and secrets come before any thread is spawned.
     let state = app::harden(&cfg)?;
     let credential = app::load_credential(&cfg)?;
-    runtime(cfg.runtime.threads())?.block_on(app::run(
-        cfg,
-        state,
-        credential,
-        Shutdown::new(),
-        announce,
-    ))
+    runtime()?.block_on(app::run(cfg, state, credential, Shutdown::new(), announce))
 }
 
 fn check_config(args: &RunArgs) -> Result<(), AppError> {
@@ -234,8 +220,7 @@ fn main() -> ExitCode {
         Some(Command::Demo) => {
             let a = &cli.run;
             init_tracing(LogFormat::Text, a.log_level.as_deref().unwrap_or("info"));
-            runtime(RuntimeConfig::default().threads())
-                .and_then(|rt| rt.block_on(demo::run(a.config.as_deref(), a.overrides())))
+            runtime().and_then(|rt| rt.block_on(demo::run(a.config.as_deref(), a.overrides())))
         }
         Some(Command::Status {
             admin,
@@ -251,7 +236,7 @@ fn main() -> ExitCode {
                 Some(Err(e)) => return fail(&AppError::config(e.to_string())),
                 None => None,
             };
-            match runtime(1).map(|rt| rt.block_on(status_cli::run(&admin, *json, token))) {
+            match runtime().map(|rt| rt.block_on(status_cli::run(&admin, *json, token))) {
                 Ok(Ok(true)) => Ok(()),
                 Ok(Ok(false)) => return ExitCode::from(1),
                 Ok(Err(e)) => Err(AppError::config(e.to_string())),

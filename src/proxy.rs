@@ -19,14 +19,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 pub(crate) mod client_io;
 
 use crate::config::Config;
+use crate::event_loops::EventLoops;
 use crate::metrics::Metrics;
 use crate::response::json_error;
 use crate::upstream::connection::{BoxError, ResponseBody};
@@ -68,7 +69,13 @@ impl DataPlane {
 
 /// Accepts local clients until shutdown, then stops accepting and lets in-flight requests
 /// finish for up to `listener.drain_timeout`.
-pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch::Receiver<bool>) {
+/// Runs on event loop 0 and hands each client to the loop with the fewest (`event_loops`).
+pub async fn serve(
+    listener: TcpListener,
+    plane: Arc<DataPlane>,
+    shutdown: watch::Receiver<bool>,
+    loops: Arc<EventLoops>,
+) {
     let cfg = plane.cfg.clone();
     let limit = Arc::new(Semaphore::new(cfg.listener.max_connections.get()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -120,47 +127,30 @@ pub async fn serve(listener: TcpListener, plane: Arc<DataPlane>, shutdown: watch
             },
             _ = crate::shutdown::triggered(&mut stop) => break,
         };
-        let _ = stream.set_nodelay(true);
-        plane.metrics.client_connection_opened();
-        let p = plane.clone();
-        let exchange = Arc::new(client_io::Exchange::default());
-        let seen = exchange.clone();
-        let service = service_fn(move |req| {
-            let started = seen.request_started();
-            let p = p.clone();
-            async move {
-                let resp = handle(&p, req).await;
-                Ok::<_, Infallible>(resp.map(|body| client_io::Answered::new(body, started)))
+        let client = Client {
+            plane: plane.clone(),
+            builder: builder.clone(),
+            shutdown: shutdown.clone(),
+            event_loop: loops.assign_client(),
+            loops: loops.clone(),
+            _permit: permit,
+        };
+        if client.event_loop == crate::event_loops::current() {
+            tokio::spawn(client.serve(stream));
+            continue;
+        }
+        // Another loop: the socket leaves this loop's reactor and joins that one's.
+        match stream.into_std() {
+            Ok(stream) => {
+                loops.spawn_on(client.event_loop, async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => client.serve(stream).await,
+                        Err(e) => warn!(error = %e, "cannot hand a client to its event loop"),
+                    }
+                });
             }
-        });
-        let io = client_io::ClientIo::new(
-            stream,
-            exchange.clone(),
-            Some(cfg.listener.max_header_bytes),
-            client_io::Timeouts {
-                header: cfg.listener.header_read_timeout,
-                idle: cfg.listener.idle_timeout,
-            },
-        );
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let conn = client_io::Served::new(
-            conn,
-            |conn| conn.graceful_shutdown(),
-            exchange.clone(),
-            shutdown.clone(),
-        );
-        let metrics = plane.metrics.clone();
-        let header_read_timeout = cfg.listener.header_read_timeout;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "client connection ended with an error");
-            }
-            client_io::finish(&exchange, header_read_timeout).await;
-            metrics.client_connection_closed();
-            drop(permit);
-        });
+            Err(e) => warn!(error = %e, "cannot hand a client to its event loop"),
+        }
     }
     drop(listener);
     info!("data listener closed; draining in-flight requests");
@@ -222,6 +212,65 @@ impl Body for ProxyBody {
 
 fn local(resp: Response<Full<Bytes>>) -> Response<ProxyBody> {
     resp.map(ProxyBody::Local)
+}
+
+/// One accepted client connection, with what serving it needs on its event loop.
+struct Client {
+    plane: Arc<DataPlane>,
+    builder: auto::Builder<TokioExecutor>,
+    shutdown: watch::Receiver<bool>,
+    loops: Arc<EventLoops>,
+    event_loop: usize,
+    /// The client's place under `listener.max_connections`, held until it is gone.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.loops.client_closed(self.event_loop);
+    }
+}
+
+impl Client {
+    /// Serves the connection's requests until it closes or shutdown drains it.
+    async fn serve(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let plane = &self.plane;
+        let cfg = &plane.cfg;
+        plane.metrics.client_connection_opened();
+        let p = plane.clone();
+        let exchange = Arc::new(client_io::Exchange::default());
+        let seen = exchange.clone();
+        let service = service_fn(move |req| {
+            let started = seen.request_started();
+            let p = p.clone();
+            async move {
+                let resp = handle(&p, req).await;
+                Ok::<_, Infallible>(resp.map(|body| client_io::Answered::new(body, started)))
+            }
+        });
+        let io = client_io::ClientIo::new(
+            stream,
+            exchange.clone(),
+            Some(cfg.listener.max_header_bytes),
+            client_io::Timeouts {
+                header: cfg.listener.header_read_timeout,
+                idle: cfg.listener.idle_timeout,
+            },
+        );
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        let conn = client_io::Served::new(
+            conn,
+            |conn| conn.graceful_shutdown(),
+            exchange.clone(),
+            self.shutdown.clone(),
+        );
+        if let Err(e) = conn.await {
+            debug!(error = %e, "client connection ended with an error");
+        }
+        client_io::finish(&exchange, cfg.listener.header_read_timeout).await;
+        plane.metrics.client_connection_closed();
+    }
 }
 
 /// Serves one client request.

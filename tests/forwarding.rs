@@ -126,8 +126,9 @@ async fn answers_hundreds_of_concurrent_requests_over_http1() {
     answers_hundreds_of_concurrent_requests(Proto::Http1, None).await;
 }
 
-/// `runtime.worker_threads = 4`: the work-stealing scheduler of several worker threads (more
-/// than this machine may have cores) moves requests and relay connections between threads.
+/// `runtime.worker_threads = 4`: four event loops (more than this machine may have cores),
+/// each with its share of the clients and one of the four relay connections; a loop whose
+/// connection is busy borrows another loop's.
 #[tokio::test(flavor = "multi_thread")]
 async fn answers_hundreds_of_concurrent_requests_on_four_worker_threads_over_h2() {
     answers_hundreds_of_concurrent_requests(Proto::H2, Some("4")).await;
@@ -214,7 +215,7 @@ async fn a_low_open_files_limit_is_raised_for_max_connections() {
     assert_eq!(status, 200);
 }
 
-/// `runtime.worker_threads = N` starts N worker threads next to it.
+/// `runtime.worker_threads = N` runs N event loops: the main thread's and N - 1 threads.
 #[tokio::test(flavor = "multi_thread")]
 async fn runtime_worker_threads_decides_the_threads_of_the_process() {
     assert_eq!(
@@ -224,8 +225,8 @@ async fn runtime_worker_threads_decides_the_threads_of_the_process() {
     );
     assert_eq!(
         threads_after_a_request(|sidecar| sidecar.set("runtime", "worker_threads", "3")).await,
-        4,
-        "the main thread and three workers"
+        3,
+        "the main thread's loop and two more"
     );
 }
 

@@ -539,3 +539,81 @@ async fn the_relays_stream_limit_caps_each_connection() {
         sidecar.logs()
     );
 }
+
+/// A client with one keep-alive connection to the sidecar; returns the relay connection that
+/// answered a GET of `path` (the relay stamps `x-relay-connection-id`) and the status.
+async fn get_on(client: &reqwest::Client, sidecar: &Sidecar, path: &str) -> (u16, Option<u64>) {
+    let answer = client
+        .get(sidecar.data_url(path))
+        .send()
+        .await
+        .expect("answered");
+    let relay_connection = answer
+        .headers()
+        .get("x-relay-connection-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (answer.status().as_u16(), relay_connection)
+}
+
+/// With `runtime.worker_threads = 2` and two relay connections, each event loop owns one
+/// connection and one of two clients: each client's requests go out on its loop's own
+/// connection (no hand-off between threads), and when that connection cannot take them (its
+/// breaker is open) the loop borrows the other loop's.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_event_loop_sends_on_its_own_connection_and_borrows_when_it_must() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(2)
+            .set("runtime", "worker_threads", "2")
+            .set("retry", "max_attempts", "1")
+            .set("breaker", "consecutive_failures", "2")
+            .set("breaker", "min_requests", "1000")
+            .set_str("breaker", "open_duration", "30s")
+            .set_str("breaker", "max_open_duration", "30s")
+    })
+    .await;
+    relay
+        .wait_for_open_connections(2, support::EVENTUALLY)
+        .await;
+    let one_connection = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .expect("a client")
+    };
+    // The first client connection goes to loop 0, the second to loop 1 (the fewest clients).
+    let (a, b) = (one_connection(), one_connection());
+    let mut used_by_a = HashSet::new();
+    let mut used_by_b = HashSet::new();
+    for _ in 0..20 {
+        let (status, connection) = get_on(&a, &sidecar, "/a").await;
+        assert_eq!(status, 200);
+        used_by_a.insert(connection.expect("answered by the relay"));
+        let (status, connection) = get_on(&b, &sidecar, "/b").await;
+        assert_eq!(status, 200);
+        used_by_b.insert(connection.expect("answered by the relay"));
+    }
+    assert_eq!(used_by_a.len(), 1, "client a's loop used {used_by_a:?}");
+    assert_eq!(used_by_b.len(), 1, "client b's loop used {used_by_b:?}");
+    assert!(
+        used_by_a.is_disjoint(&used_by_b),
+        "{used_by_a:?} {used_by_b:?}"
+    );
+
+    // Client a's connection fails until its breaker opens; a's loop then borrows b's.
+    let own = *used_by_a.iter().next().expect("one");
+    let other = *used_by_b.iter().next().expect("one");
+    relay.set_connection_fault(own, Fault::Status(503));
+    for _ in 0..2 {
+        assert_eq!(get_on(&a, &sidecar, "/fails").await, (503, Some(own)));
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            get_on(&a, &sidecar, "/borrowed").await,
+            (200, Some(other)),
+            "logs:\n{}",
+            sidecar.logs().join("\n")
+        );
+    }
+}

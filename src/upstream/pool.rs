@@ -1,7 +1,8 @@
 //! The warm set of relay connections: one supervisor per slot dials at start, re-dials with
 //! jittered backoff when the connection drops, rotates it after a jittered
 //! `max_connection_age`, and replaces it when the ejector finds it slow. Requests pick the
-//! usable connection with the fewest requests in flight (ties: lower EWMA latency).
+//! usable connection with the fewest requests in flight (ties: lower EWMA latency), among
+//! the connections of their own event loop first (`event_loops`; one loop by default).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
 use super::connection::{Connection, DialError, PoolShared, dial};
 use super::read_ahead;
 use crate::config::Config;
+use crate::event_loops::EventLoops;
 use crate::latency::{Histogram, LatencyWindow};
 use crate::metrics::Metrics;
 use crate::tls::TlsSetup;
@@ -62,6 +64,9 @@ impl SlotState {
 #[derive(Debug)]
 pub struct Slot {
     pub index: usize,
+    /// The event loop that drives this slot's connections (`event_loops`); requests on that
+    /// loop prefer them.
+    event_loop: usize,
     current: Mutex<Option<Arc<Connection>>>,
     state: AtomicU8,
     breaker: Mutex<Breaker>,
@@ -81,9 +86,10 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn new(index: usize, breaker: Breaker) -> Self {
+    fn new(index: usize, event_loop: usize, breaker: Breaker) -> Self {
         Slot {
             index,
+            event_loop,
             current: Mutex::new(None),
             state: AtomicU8::new(SlotState::Connecting as u8),
             breaker_closed: AtomicBool::new(breaker.is_closed()),
@@ -182,6 +188,24 @@ pub enum Outcome {
     NotJudged,
 }
 
+/// How good a connection is for the next request: its own event loop's first, then the
+/// fewest requests in flight, then the lower latency (EWMA).
+struct Rank {
+    other_loop: bool,
+    in_flight: u64,
+    ewma_ms: f64,
+}
+
+impl Rank {
+    fn beats(&self, other: &Rank) -> bool {
+        let (mine, theirs) = (
+            (self.other_loop, self.in_flight),
+            (other.other_loop, other.in_flight),
+        );
+        mine < theirs || (mine == theirs && self.ewma_ms < other.ewma_ms)
+    }
+}
+
 /// Why no connection could be had right now.
 struct Unavailable {
     /// Some connection may free up soon (busy HTTP/1.1, or a dial in progress).
@@ -254,8 +278,15 @@ impl Pool {
                 cfg.upstream.http1_read_ahead_total_bytes,
             )),
         };
+        let loops = cfg.runtime.event_loops(cfg.pool.size.get());
         let slots = (0..cfg.pool.size.get())
-            .map(|i| Arc::new(Slot::new(i, Breaker::new(cfg.breaker.clone(), now))))
+            .map(|i| {
+                Arc::new(Slot::new(
+                    i,
+                    i % loops,
+                    Breaker::new(cfg.breaker.clone(), now),
+                ))
+            })
             .collect();
         Arc::new(Pool {
             cfg,
@@ -297,13 +328,18 @@ impl Pool {
     }
 
     /// Starts one supervisor per slot and the slow-connection ejector; they end on shutdown.
-    pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) {
+    /// Each slot's supervisor runs on the slot's event loop, and with it the connections it
+    /// dials.
+    pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>, loops: &EventLoops) {
         for slot in &self.slots {
             let pool = Arc::downgrade(self);
             let slot = slot.clone();
             let shutdown = shutdown.clone();
             let span = info_span!("pool_slot", connection_id = slot.id());
-            tokio::spawn(supervise(pool, slot, shutdown).instrument(span));
+            loops.spawn_on(
+                slot.event_loop,
+                supervise(pool, slot, shutdown).instrument(span),
+            );
         }
         let pool = Arc::downgrade(self);
         tokio::spawn(eject_slow(pool, shutdown).instrument(info_span!("pool_ejector")));
@@ -332,8 +368,10 @@ impl Pool {
 
     fn try_checkout(&self, exclude: Option<usize>, now: Instant) -> Result<Checkout, Unavailable> {
         let mut can_wait = false;
+        let here = crate::event_loops::current();
         for _pass in 0..3 {
-            let mut best: Option<(u64, f64, &Arc<Slot>, Arc<Connection>)> = None;
+            // Ranked by (another loop's, in flight), then latency: this loop's first.
+            let mut best: Option<(Rank, &Arc<Slot>, Arc<Connection>)> = None;
             for slot in &self.slots {
                 if Some(slot.index) == exclude && self.slots.len() > 1 {
                     continue;
@@ -354,17 +392,16 @@ impl Pool {
                     can_wait = true;
                     continue;
                 }
-                let load = conn.stats.in_flight.load(Ordering::Relaxed);
-                let ewma = conn.latency.ewma_ms();
-                let better = match &best {
-                    None => true,
-                    Some((l, e, _, _)) => load < *l || (load == *l && ewma < *e),
+                let rank = Rank {
+                    other_loop: slot.event_loop != here,
+                    in_flight: conn.stats.in_flight.load(Ordering::Relaxed),
+                    ewma_ms: conn.latency.ewma_ms(),
                 };
-                if better {
-                    best = Some((load, ewma, slot, conn));
+                if best.as_ref().is_none_or(|(r, _, _)| rank.beats(r)) {
+                    best = Some((rank, slot, conn));
                 }
             }
-            let Some((_, _, slot, conn)) = best else {
+            let Some((_, slot, conn)) = best else {
                 return Err(Unavailable { can_wait });
             };
             let Some((admission, transition)) = slot.with_breaker(|b| b.admit(now)) else {
