@@ -212,6 +212,17 @@ impl SidecarBuilder {
                 command.env_remove(&key);
             }
         }
+        // `SIDECAR_TEST_EXTRA_ENV=KEY=VALUE,...` adds environment to every sidecar a test
+        // starts, to run the whole suite under another setting, e.g.
+        // `SPRINT_SIDECAR_RUNTIME_WORKER_THREADS=2` (several event loops). It overrides the
+        // test's configuration file, so a test about that setting itself then fails.
+        if let Ok(extra) = std::env::var("SIDECAR_TEST_EXTRA_ENV") {
+            for pair in extra.split(',') {
+                if let Some((key, value)) = pair.split_once('=') {
+                    command.env(key, value);
+                }
+            }
+        }
         command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
             .stdin(Stdio::null())
