@@ -632,6 +632,14 @@ impl Config {
                 u.http1_read_ahead_bytes, u.http1_read_ahead_total_bytes
             ));
         }
+        let (loops, size) = (self.runtime.worker_threads, self.pool.size.get());
+        if loops > size {
+            found.push(format!(
+                "runtime.worker_threads ({loops}) is above pool.size ({size}): {} event loop(s) \
+                 own no relay connection and send every request on another loop's",
+                loops - size
+            ));
+        }
         found
     }
 
@@ -1498,13 +1506,15 @@ mod tests {
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
         let text = "[listener]\nrequest_deadline = \"1s\"\n[pool]\nrequest_timeout = \"5s\"\n\
                     [upstream]\nmax_header_field_bytes = 40000\nmax_header_list_bytes = 100\n\
-                    http1_read_ahead_bytes = 100\nhttp1_read_ahead_total_bytes = 10\n";
+                    http1_read_ahead_bytes = 100\nhttp1_read_ahead_total_bytes = 10\n\
+                    [runtime]\nworker_threads = 5\n";
         let c = load_text(text, &[], &Overrides::default()).expect("valid, with warnings");
         let all = c.warnings().join("\n");
         for key in [
             "pool.request_timeout",
             "upstream.max_header_field_bytes",
             "upstream.http1_read_ahead_bytes",
+            "runtime.worker_threads (5) is above pool.size (4): 1 event loop",
         ] {
             assert!(all.contains(key), "{key}: {all}");
         }

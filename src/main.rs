@@ -176,6 +176,16 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     if admin_token {
         println!("# admin token: readable and private, value redacted");
     }
+    let loops = cfg.runtime.event_loops(cfg.pool.size.get());
+    println!(
+        "# event loops: {loops} (runtime.worker_threads = {}{})",
+        cfg.runtime.worker_threads,
+        if cfg.runtime.worker_threads == 0 {
+            ": one per core this process may use, at most pool.size"
+        } else {
+            ""
+        }
+    );
     println!("# configuration is valid");
     Ok(())
 }

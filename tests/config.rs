@@ -109,6 +109,33 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
         Some("3s"),
         "an unset key shows its documented default"
     );
+    assert!(
+        output
+            .stdout
+            .contains("# event loops: 1 (runtime.worker_threads = 1)"),
+        "{}",
+        output.stdout
+    );
+}
+
+/// `worker_threads = 0` is resolved in the output: one loop per core, at most `pool.size`.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_prints_how_many_event_loops_will_run() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set("runtime", "worker_threads", "0")
+        .set("pool", "size", "1")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&output);
+    assert!(
+        output.stdout.contains(
+            "# event loops: 1 (runtime.worker_threads = 0: one per core this process may use, \
+             at most pool.size)"
+        ),
+        "{}",
+        output.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
