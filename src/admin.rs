@@ -492,6 +492,18 @@ fn pool_health(state: &AdminState) -> HealthDocument {
             pool_size,
         };
     }
+    // The relay closed a connection that had served (a routine rotation) and its
+    // replacement is being dialed: requests wait for it, so the pool is not down.
+    if snapshot.iter().any(|s| s.replacing) {
+        return HealthDocument {
+            status: "ok",
+            reason: "a relay connection the relay closed after serving is being replaced; \
+                     requests wait for it"
+                .into(),
+            active_connections: 0,
+            pool_size,
+        };
+    }
     let open = snapshot
         .iter()
         .filter(|s| s.breaker == BreakerState::Open)

@@ -83,6 +83,10 @@ pub struct Slot {
     next_dial: Mutex<Option<Instant>>,
     last_error: Mutex<Option<DialError>>,
     eject: Notify,
+    /// Re-dialing at once because the relay closed a connection that had served (a routine
+    /// rotation, e.g. nginx's GOAWAY after `keepalive_requests`): requests wait for the
+    /// replacement, so readiness holds (see [`Pool::is_replacing`]).
+    replacing: AtomicBool,
 }
 
 impl Slot {
@@ -101,6 +105,7 @@ impl Slot {
             next_dial: Mutex::new(None),
             last_error: Mutex::new(None),
             eject: Notify::new(),
+            replacing: AtomicBool::new(false),
         }
     }
 
@@ -229,6 +234,8 @@ pub struct SlotSnapshot {
     pub ewma_ms: f64,
     pub ping_rtt: Option<Duration>,
     pub is_healthy: bool,
+    /// Its connection is being replaced after a routine close by the relay; requests wait.
+    pub replacing: bool,
     pub breaker: BreakerState,
     pub trip_reason: Option<TripReason>,
     pub time_in_state: Duration,
@@ -345,11 +352,12 @@ impl Pool {
         tokio::spawn(eject_slow(pool, shutdown).instrument(info_span!("pool_ejector")));
     }
 
-    /// Whether any connection can take a request now (readiness).
+    /// Whether any connection can take a request now, or is being replaced after the relay
+    /// closed it in routine (requests wait for it): readiness, as the admin API reports it.
     pub fn is_ready(&self) -> bool {
         let now = Instant::now();
         self.slots.iter().any(|s| {
-            s.usable_connection().is_some()
+            (s.usable_connection().is_some() || s.replacing.load(Ordering::Relaxed))
                 && s.with_breaker(|b| b.state(now) != BreakerState::Open)
         })
     }
@@ -622,6 +630,8 @@ impl Pool {
                     ewma_ms: conn.as_ref().map_or(0.0, |c| c.latency.ewma_ms()),
                     ping_rtt: conn.as_ref().and_then(|c| c.ping_rtt()),
                     is_healthy: usable && state != BreakerState::Open,
+                    replacing: slot.replacing.load(Ordering::Relaxed)
+                        && state != BreakerState::Open,
                     breaker: state,
                     trip_reason: reason,
                     time_in_state: in_state,
@@ -774,6 +784,7 @@ async fn supervise(
                     generation, "connected to relay"
                 );
                 p.install(&slot, conn.clone());
+                slot.replacing.store(false, Ordering::Relaxed);
                 let age = p
                     .cfg
                     .pool
@@ -800,6 +811,7 @@ async fn supervise(
                                 // (An abandoned HTTP/1.1 connection was closed by the sidecar
                                 // for its client's sake: nothing to wait for either.)
                                 debug!("relay connection closed after serving; re-dialing");
+                                slot.replacing.store(true, Ordering::Relaxed);
                                 None
                             } else {
                                 info!("relay connection closed; re-dialing");
@@ -847,6 +859,7 @@ async fn supervise(
                 }
             }
             Err(e) => {
+                slot.replacing.store(false, Ordering::Relaxed);
                 warn!(error = %e, "dial to relay failed");
                 p.metrics.tls_handshake(Some(if e.certificate {
                     "certificate"

@@ -102,6 +102,9 @@ pub enum Fault {
     /// or shutting-down relay that keeps its connections open). Refused requests are not
     /// recorded; [`Relay::refused_streams`] counts them.
     RefuseStreams,
+    /// Wait this long after accepting a TCP connection before the TLS handshake (a slow or
+    /// busy relay); established connections are not affected.
+    SlowHandshake(Duration),
 }
 
 /// The bytes a [`Fault::StallBody`] or [`Fault::TruncateBody`] answer sends of its 1000.
@@ -717,6 +720,13 @@ async fn serve_connection(inner: Arc<Inner>, id: u64, stream: CountingIo) {
         inner: inner.clone(),
         id,
     };
+    let slow = match &*lock(&inner.fault) {
+        Fault::SlowHandshake(delay) => Some(*delay),
+        _ => None,
+    };
+    if let Some(delay) = slow {
+        tokio::time::sleep(delay).await;
+    }
     let handshake =
         tokio::time::timeout(Duration::from_secs(10), inner.acceptor.accept(stream)).await;
     let tls = match handshake {
@@ -848,7 +858,7 @@ async fn handle(
             route(&inner, connection_id, index, request).await
         }
         // RefuseStreams: HTTP/1.1 has no stream to refuse, so the request is answered.
-        Fault::None | Fault::AcceptThenClose | Fault::RefuseStreams => {
+        Fault::None | Fault::AcceptThenClose | Fault::RefuseStreams | Fault::SlowHandshake(_) => {
             route(&inner, connection_id, index, request).await
         }
     };
