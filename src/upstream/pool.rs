@@ -158,6 +158,17 @@ impl Slot {
         self.connection()
             .filter(|c| !c.is_closed() && !c.is_draining())
     }
+
+    /// The relay closed this slot's connection after it served, and the slot re-dials at
+    /// once (or is about to: the supervisor decides as [`replaced_at_once`] does); requests
+    /// wait for the replacement meanwhile.
+    fn being_replaced(&self) -> bool {
+        self.replacing.load(Ordering::Relaxed)
+            || (self.state() != SlotState::Backoff
+                && self
+                    .connection()
+                    .is_some_and(|c| c.is_closed() && replaced_at_once(&c)))
+    }
 }
 
 /// A granted request slot on one connection. Report the outcome with [`Pool::finish`];
@@ -357,7 +368,7 @@ impl Pool {
     pub fn is_ready(&self) -> bool {
         let now = Instant::now();
         self.slots.iter().any(|s| {
-            (s.usable_connection().is_some() || s.replacing.load(Ordering::Relaxed))
+            (s.usable_connection().is_some() || s.being_replaced())
                 && s.with_breaker(|b| b.state(now) != BreakerState::Open)
         })
     }
@@ -630,8 +641,7 @@ impl Pool {
                     ewma_ms: conn.as_ref().map_or(0.0, |c| c.latency.ewma_ms()),
                     ping_rtt: conn.as_ref().and_then(|c| c.ping_rtt()),
                     is_healthy: usable && state != BreakerState::Open,
-                    replacing: slot.replacing.load(Ordering::Relaxed)
-                        && state != BreakerState::Open,
+                    replacing: slot.being_replaced() && state != BreakerState::Open,
                     breaker: state,
                     trip_reason: reason,
                     time_in_state: in_state,
@@ -795,7 +805,7 @@ async fn supervise(
                     _ = conn.closed() => {
                         let Some(p) = pool.upgrade() else { return };
                         p.changed.notify_waiters();
-                        if is_proven(&conn) {
+                        if replaced_at_once(&conn) {
                             backoff.reset();
                             // One that served requests and then ended (the relay rotated it
                             // with GOAWAY, or closed it) is replaced at once, so requests
@@ -805,18 +815,15 @@ async fn supervise(
                             // counter still counts it. One that served nothing waits the
                             // first backoff step, so a relay that sends GOAWAY right after
                             // every handshake is not dialed in a tight loop.
-                            if conn.stats.requests.load(Ordering::Relaxed) > 0
-                                || conn.is_abandoned()
-                            {
-                                // (An abandoned HTTP/1.1 connection was closed by the sidecar
-                                // for its client's sake: nothing to wait for either.)
-                                debug!("relay connection closed after serving; re-dialing");
-                                slot.replacing.store(true, Ordering::Relaxed);
-                                None
-                            } else {
-                                info!("relay connection closed; re-dialing");
-                                Some(backoff.next_delay())
-                            }
+                            // (An abandoned HTTP/1.1 connection was closed by the sidecar for
+                            // its client's sake: nothing to wait for either.)
+                            debug!("relay connection closed after serving; re-dialing");
+                            slot.replacing.store(true, Ordering::Relaxed);
+                            None
+                        } else if is_proven(&conn) {
+                            backoff.reset();
+                            info!("relay connection closed; re-dialing");
+                            Some(backoff.next_delay())
                         } else {
                             // Closed before it ever served: as good as a failed dial, so the
                             // backoff keeps growing and the breaker counts it.
@@ -910,6 +917,12 @@ async fn supervise(
 /// A connection has proven itself once it answered a PING (HTTP/2) or a request, or stayed up for
 /// [`PROVING_PERIOD`]; one that closes before is treated as a failed dial.
 pub const PROVING_PERIOD: Duration = Duration::from_secs(2);
+
+/// A connection whose end is routine: it was proven and served (or the sidecar closed it
+/// for a client's sake), so its slot re-dials at once instead of backing off.
+fn replaced_at_once(conn: &Connection) -> bool {
+    is_proven(conn) && (conn.stats.requests.load(Ordering::Relaxed) > 0 || conn.is_abandoned())
+}
 
 fn is_proven(conn: &Connection) -> bool {
     // HTTP/2 connections are only installed after the relay answered a first PING.
