@@ -89,7 +89,7 @@ const SPARE_FILES: u64 = 256;
 
 /// The `RLIMIT_NOFILE` soft limit to raise to, if any: as high as the hard limit allows
 /// (capped at the kernel's usual `nr_open`), when the current one cannot hold
-/// `listener.max_connections` clients plus the pool and [`SPARE_FILES`].
+/// `listener.max_connections` clients plus the pool and `SPARE_FILES`.
 pub fn open_files_target(
     limit: crate::secret::sys::ResourceLimit,
     max_connections: usize,

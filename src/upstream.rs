@@ -70,7 +70,7 @@ pub struct UpstreamError {
 }
 
 /// `detail` without the documentation links some libraries append to their messages
-/// (rustls: "… close_notify: https://docs.rs/…"): the detail is for the client and the log.
+/// (rustls: `"… close_notify: https://docs.rs/…"`): the detail is for the client and the log.
 fn readable(mut detail: String) -> String {
     if let Some(at) = detail.find(": https://") {
         let end = detail[at + 2..]

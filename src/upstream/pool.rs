@@ -85,7 +85,7 @@ pub struct Slot {
     eject: Notify,
     /// Re-dialing at once because the relay closed a connection that had served (a routine
     /// rotation, e.g. nginx's GOAWAY after `keepalive_requests`): requests wait for the
-    /// replacement, so readiness holds (see [`Pool::is_replacing`]).
+    /// replacement, so readiness holds (see [`Slot::being_replaced`]).
     replacing: AtomicBool,
 }
 
