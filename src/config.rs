@@ -206,7 +206,7 @@ impl Default for RuntimeConfig {
 /// hand-offs (README, Performance).
 const DEFAULT_WORKER_THREADS: usize = 1;
 
-/// More worker threads than this is a typo, not a deployment.
+/// More event loops than this is a typo, not a deployment.
 const MAX_WORKER_THREADS: i64 = 1024;
 
 // ---------------------------------------------------------------------------------------
