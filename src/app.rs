@@ -257,6 +257,12 @@ pub async fn run(
     let tls_setup = tls.clone();
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
+    for index in 0..loops.len() {
+        loops.spawn_on(
+            index,
+            crate::busy_poll::run(cfg.runtime.busy_poll, data_stop.subscribe()),
+        );
+    }
     let pool = Pool::new(cfg.clone(), tls, metrics.clone());
     pool.start(background.subscribe(), &loops);
     let loops = Arc::new(loops);

@@ -176,6 +176,9 @@ pub struct RuntimeConfig {
     /// Event loops, one thread each; 0 = one per available core, at most one per pool
     /// connection.
     pub worker_threads: usize,
+    /// How long an event loop under load keeps polling for more work before it sleeps; zero:
+    /// never (see `busy_poll`).
+    pub busy_poll: Duration,
 }
 
 impl RuntimeConfig {
@@ -197,6 +200,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             worker_threads: DEFAULT_WORKER_THREADS,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -205,6 +209,13 @@ impl Default for RuntimeConfig {
 /// loop on one core proxies tens of thousands of requests per second without cross-thread
 /// hand-offs (README, Performance).
 const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// Spins of 0.2 ms: long enough to bridge the wait for the relay's next answers under load
+/// (README, Performance), short against the sleeps of a lightly loaded loop.
+const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+
+/// A longer spin than this is a typo: it would be a sleep that burns a core.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// More event loops than this is a typo, not a deployment.
 const MAX_WORKER_THREADS: i64 = 1024;
@@ -431,12 +442,14 @@ impl Default for RawLog {
 #[serde(deny_unknown_fields, default)]
 struct RawRuntime {
     worker_threads: i64,
+    busy_poll: String,
 }
 
 impl Default for RawRuntime {
     fn default() -> Self {
         RawRuntime {
             worker_threads: DEFAULT_WORKER_THREADS as i64,
+            busy_poll: "200us".into(),
         }
     }
 }
@@ -1206,8 +1219,17 @@ impl RawConfig {
                  {MAX_WORKER_THREADS}, got {threads}"
             ));
         }
+        let busy_poll = c.duration("runtime.busy_poll", &self.runtime.busy_poll, true);
+        if busy_poll > MAX_BUSY_POLL && parse_duration(&self.runtime.busy_poll).is_ok() {
+            c.problems.push(format!(
+                "runtime.busy_poll: at most {} (a spin, not a sleep), got {}",
+                humantime::format_duration(MAX_BUSY_POLL),
+                self.runtime.busy_poll.trim()
+            ));
+        }
         let runtime = RuntimeConfig {
             worker_threads: threads.clamp(0, MAX_WORKER_THREADS) as usize,
+            busy_poll,
         };
         if !c.problems.is_empty() {
             return Err(ConfigError {
@@ -1569,6 +1591,36 @@ mod tests {
             assert!(
                 msg.contains("runtime.worker_threads") && msg.contains(bad),
                 "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn busy_poll_defaults_to_200us_zero_turns_it_off_and_long_or_bad_values_are_refused() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert_eq!(c.runtime.busy_poll, Duration::from_micros(200));
+        let env = [("SPRINT_SIDECAR_RUNTIME_BUSY_POLL", "0s")];
+        let c = load_text("", &env, &Overrides::default()).expect("0s is valid");
+        assert_eq!(c.runtime.busy_poll, Duration::ZERO);
+        let c = load_text(
+            "[runtime]\nbusy_poll = \"1ms\"\n",
+            &[],
+            &Overrides::default(),
+        )
+        .expect("1ms is valid");
+        assert_eq!(c.runtime.busy_poll, Duration::from_millis(1));
+        for bad in ["20ms", "soon"] {
+            let text = format!("[runtime]\nbusy_poll = \"{bad}\"\n");
+            let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("runtime.busy_poll") && msg.contains(bad),
+                "{msg}"
+            );
+            assert_eq!(
+                msg.matches("runtime.busy_poll").count(),
+                1,
+                "one problem: {msg}"
             );
         }
     }

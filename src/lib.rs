@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod busy_poll;
 pub mod config;
 pub mod credential;
 pub mod demo;

@@ -286,7 +286,20 @@ async fn handle(plane: &DataPlane, req: Request<Incoming>) -> Response<ProxyBody
     resp
 }
 
+/// [`forward_request`], noting the loop's activity for busy polling when the request starts
+/// and when its answer (or error) is ready.
 async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> Response<ProxyBody> {
+    crate::busy_poll::note_activity();
+    let answer = forward_request(plane, req, start).await;
+    crate::busy_poll::note_activity();
+    answer
+}
+
+async fn forward_request(
+    plane: &DataPlane,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Response<ProxyBody> {
     let cfg = &plane.cfg;
     if req.method() == http::Method::CONNECT {
         return local(json_error(
