@@ -21,6 +21,8 @@
 # CONNECTIONS (64), SIDECAR_BIN (target/release/sprint-sidecar), PORT_BASE (18000), POOL_SIZES
 # (empty; e.g. "1 2 8": one more default sidecar per size, named sidecar-pool-N, whose
 # `pool.size` is N instead of 4),
+# BUSY_POLL_OFF (1: one more default sidecar, sidecar-no-busy-poll, with `runtime.busy_poll =
+# "0s"`, to show what busy polling brings; 0: leave it out),
 # RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
@@ -110,7 +112,7 @@ peer() { # NAME WORKERS PORT
         }
     }"
 }
-sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE]
+sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE [BUSY_POLL]]
     mkdir -p "$dir/$1"
     cat >"$dir/$1/sidecar.toml" <<EOF
 [listener]
@@ -126,6 +128,7 @@ auth_token_file = "$dir/token"
 size = ${4:-4}
 [runtime]
 worker_threads = $2
+busy_poll = "${5:-200us}"
 EOF
     "$bin" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
     pids+=($!)
@@ -139,6 +142,12 @@ sidecar sidecar-per-core 0 $((base + 40))
 declare -A port=([nginx-auto]=$((base + 10)) [nginx-1]=$((base + 20)) [sidecar]=$((base + 30))
     [sidecar-per-core]=$((base + 40)))
 offset=50
+if [ "${BUSY_POLL_OFF:-1}" = 1 ]; then
+    names+=(sidecar-no-busy-poll)
+    port[sidecar-no-busy-poll]=$((base + offset))
+    sidecar sidecar-no-busy-poll 1 $((base + offset)) 4 0s
+    offset=$((offset + 10))
+fi
 for size in ${POOL_SIZES:-}; do
     [[ $size =~ ^[1-9][0-9]*$ ]] || { echo "wrk-side-by-side: POOL_SIZES: $size is not a pool size" >&2; exit 2; }
     names+=("sidecar-pool-$size")

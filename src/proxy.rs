@@ -286,13 +286,11 @@ async fn handle(plane: &DataPlane, req: Request<Incoming>) -> Response<ProxyBody
     resp
 }
 
-/// [`forward_request`], noting the loop's activity for busy polling when the request starts
-/// and when its answer (or error) is ready.
+/// [`forward_request`], counted in flight for busy polling until its answer (or error) is
+/// ready.
 async fn forward(plane: &DataPlane, req: Request<Incoming>, start: Instant) -> Response<ProxyBody> {
-    crate::busy_poll::note_activity();
-    let answer = forward_request(plane, req, start).await;
-    crate::busy_poll::note_activity();
-    answer
+    let _in_flight = crate::busy_poll::InFlight::start();
+    forward_request(plane, req, start).await
 }
 
 async fn forward_request(

@@ -230,6 +230,83 @@ async fn runtime_worker_threads_decides_the_threads_of_the_process() {
     );
 }
 
+/// CPU time (user + system) the process has used, in clock ticks, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').expect("a stat line").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// The share of one core the process used over `window`, in percent.
+async fn cpu_percent_over(pid: u32, window: Duration) -> f64 {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(window).await;
+    (cpu_ticks(pid) - before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0
+}
+
+/// Busy polling (`runtime.busy_poll`, on by default) spins only while answers are due: with
+/// 32 requests held by a relay that never answers, spins that find nothing stop at their cap
+/// (2% of a core), and once the load is gone the loop sleeps. A spinner that kept going
+/// would hold a core at 100%.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("pool", "request_timeout", "30s")
+    })
+    .await;
+    let pid = sidecar.pid().expect("running");
+    let client = support::client();
+    // Load first, so the loop spins, then a relay that holds every request.
+    let mut burst = JoinSet::new();
+    for _ in 0..200 {
+        let (client, url) = (client.clone(), sidecar.data_url("/"));
+        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(done) = burst.join_next().await {
+        assert_eq!(done.expect("no panic").expect("answered"), 200);
+    }
+    relay.set_fault(support::Fault::Stall);
+    let mut held = JoinSet::new();
+    for _ in 0..32 {
+        let (client, url) = (client.clone(), sidecar.data_url("/"));
+        held.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    }
+    for _ in 0..100 {
+        if relay.request_count() >= 200 + 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        relay.request_count(),
+        232,
+        "all 32 requests are held by the relay"
+    );
+    let stalled = cpu_percent_over(pid, Duration::from_secs(2)).await;
+    assert!(
+        stalled < 25.0,
+        "with 32 requests in flight and no answers the sidecar used {stalled:.0}% of a core"
+    );
+    held.abort_all();
+    relay.set_fault(support::Fault::None);
+    let status = client
+        .get(sidecar.data_url("/"))
+        .send()
+        .await
+        .expect("answered")
+        .status();
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = cpu_percent_over(pid, Duration::from_secs(2)).await;
+    assert!(
+        idle < 25.0,
+        "after the load the sidecar used {idle:.0}% of a core"
+    );
+}
+
 // ---- bodies ----
 
 /// Reads a streamed response, comparing every byte with the pattern; returns the length.
