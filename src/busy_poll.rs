@@ -22,6 +22,11 @@
 //!   second, the loop stops spinning until the second is over. A relay that stalls with many
 //!   requests in flight thus costs at most a few percent of a core in spinning.
 //!
+//! Busy polling never takes the last core: of `loops` event loops on `cores` cores, only the
+//! first `cores - 1` spin ([`spinning_loops`]). On one core a spinning loop would hold the
+//! core its application and everything else in the pod need; with a loop on every core,
+//! the spinning loops would crowd out everyone else.
+//!
 //! One spinning task per event loop ([`run`]): it yields to the loop's scheduler, which then
 //! polls the sockets without blocking (`epoll_wait` with a zero timeout) and runs whatever
 //! became ready before it comes back to the spinner. It never delays other tasks.
@@ -56,6 +61,12 @@ pub const MAX_MISSED_SHARE: Duration = Duration::from_millis(20);
 /// Requests of a loop waiting for their answers from which the loop spins: with fewer, the
 /// next event is rarely close enough to be worth a core's time.
 pub const MIN_IN_FLIGHT: u32 = 8;
+
+/// How many of `loops` event loops may busy-poll on `cores` cores: at most one core fewer than
+/// there are (module documentation).
+pub fn spinning_loops(loops: usize, cores: usize) -> usize {
+    loops.min(cores.saturating_sub(1))
+}
 
 /// When to spin: the pure part of the decision (module documentation).
 #[derive(Debug, Clone)]
@@ -249,6 +260,14 @@ mod tests {
         );
         assert!(p.should_spin(t0, MIN_IN_FLIGHT));
         assert!(p.should_spin(t0, 64));
+    }
+
+    #[test]
+    fn busy_polling_leaves_a_core_free() {
+        assert_eq!(spinning_loops(1, 1), 0, "one core: no spinning");
+        assert_eq!(spinning_loops(1, 2), 1);
+        assert_eq!(spinning_loops(2, 2), 1, "a loop per core: all but one spin");
+        assert_eq!(spinning_loops(4, 16), 4);
     }
 
     #[test]
