@@ -186,6 +186,17 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             ""
         }
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores);
+    if cfg.runtime.busy_poll.is_zero() {
+        println!("# busy polling: off (runtime.busy_poll = 0s)");
+    } else {
+        println!(
+            "# busy polling: {spinning} of {loops} event loop(s) (runtime.busy_poll = {}; {cores} \
+             core(s), one always left free)",
+            humantime::format_duration(cfg.runtime.busy_poll)
+        );
+    }
     println!("# configuration is valid");
     Ok(())
 }

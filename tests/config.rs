@@ -116,6 +116,34 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
         "{}",
         output.stdout
     );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spinning = usize::from(cores > 1);
+    assert!(
+        output.stdout.contains(&format!(
+            "# busy polling: {spinning} of 1 event loop(s) (runtime.busy_poll = 200us; {cores} \
+             core(s), one always left free)"
+        )),
+        "{}",
+        output.stdout
+    );
+}
+
+/// `runtime.busy_poll = "0s"` is reported as off.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_reports_busy_polling_off() {
+    let pki = Pki::new();
+    let output = valid(&pki)
+        .set_str("runtime", "busy_poll", "0s")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&output);
+    assert!(
+        output
+            .stdout
+            .contains("# busy polling: off (runtime.busy_poll = 0s)"),
+        "{}",
+        output.stdout
+    );
 }
 
 /// `worker_threads = 0` is resolved in the output: one loop per core, at most `pool.size`.
