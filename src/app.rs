@@ -261,7 +261,11 @@ pub async fn run(
     for index in 0..crate::busy_poll::spinning_loops(loops.len(), cores) {
         loops.spawn_on(
             index,
-            crate::busy_poll::run(cfg.runtime.busy_poll, data_stop.subscribe()),
+            crate::busy_poll::run(
+                cfg.runtime.busy_poll,
+                metrics.clone(),
+                data_stop.subscribe(),
+            ),
         );
     }
     let pool = Pool::new(cfg.clone(), tls, metrics.clone());

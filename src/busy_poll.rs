@@ -52,6 +52,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
+
 /// The window over which lost spinning is counted.
 const WINDOW: Duration = Duration::from_secs(1);
 
@@ -196,7 +198,7 @@ impl Future for Busy {
 
 /// The spinner of the current event loop (spawn one per loop, on that loop). Ends when
 /// `stop` turns true. A zero `budget` returns at once.
-pub async fn run(budget: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run(budget: Duration, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     if budget.is_zero() {
         return;
     }
@@ -210,6 +212,7 @@ pub async fn run(budget: Duration, mut stop: watch::Receiver<bool>) {
         if policy.should_spin(Instant::now(), in_flight()) {
             let lost = spin(budget, &stop).await;
             policy.missed(Instant::now(), lost);
+            metrics.busy_poll_spin(lost);
         } else {
             // Over the cap: sleep until the window rolls (or shutdown), then look again.
             tokio::select! {
@@ -305,7 +308,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn the_spinner_wakes_for_enough_requests_in_flight_and_stops_on_shutdown() {
         let (tx, rx) = watch::channel(false);
-        let spinner = tokio::spawn(run(Duration::from_millis(1), rx));
+        let spinner = tokio::spawn(run(Duration::from_millis(1), Metrics::new(1), rx));
         tokio::task::yield_now().await;
         assert!(
             spinner_asleep(),

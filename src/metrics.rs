@@ -59,6 +59,8 @@ struct Inner {
     upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
     read_ahead: Gauge,
     secret_reloads: Family<Labels2, Counter>,
+    busy_poll_spins: Counter,
+    busy_poll_missed: Counter<f64, AtomicU64>,
     secure_buffers: Gauge,
     locked_bytes: Gauge,
     self_check_passed: Gauge,
@@ -304,6 +306,20 @@ impl Metrics {
                     secret_reloads.get_or_create(&[("file", file.as_str()), ("outcome", outcome)]);
             }
         }
+        let busy_poll_spins = Counter::default();
+        service.register(
+            "busy_poll_spins",
+            "Times an event loop polled for more work instead of sleeping (runtime.busy_poll)",
+            busy_poll_spins.clone(),
+        );
+        let busy_poll_missed = Counter::<f64, AtomicU64>::default();
+        service.register_with_unit(
+            "busy_poll_missed",
+            "Time event loops spent polling for work that did not come before busy_poll ran \
+             out: the CPU busy polling cost without saving a sleep (capped at 2% of a core)",
+            Unit::Seconds,
+            busy_poll_missed.clone(),
+        );
         let read_ahead = Gauge::default();
         pool.register_with_unit(
             "upstream_read_ahead",
@@ -362,6 +378,8 @@ impl Metrics {
                 upstream_latency_p95,
                 read_ahead,
                 secret_reloads,
+                busy_poll_spins,
+                busy_poll_missed,
                 secure_buffers,
                 locked_bytes,
                 self_check_passed,
@@ -466,6 +484,14 @@ impl Metrics {
             .secret_reloads
             .get_or_create(&[("file", file.as_str()), ("outcome", outcome)])
             .inc();
+    }
+
+    /// An event loop busy-polled; `missed` of it waited for work that never came.
+    pub fn busy_poll_spin(&self, missed: std::time::Duration) {
+        self.inner.busy_poll_spins.inc();
+        if !missed.is_zero() {
+            self.inner.busy_poll_missed.inc_by(missed.as_secs_f64());
+        }
     }
 
     pub fn reconnect(&self) {

@@ -268,6 +268,14 @@ async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone()
     while let Some(done) = burst.join_next().await {
         assert_eq!(done.expect("no panic").expect("answered"), 200);
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
+    if cores > 1 {
+        assert!(spins > 0.0, "200 concurrent requests made the loop spin");
+    } else {
+        assert_eq!(spins, 0.0, "on one core busy polling stays off");
+    }
+    let started = Instant::now();
     relay.set_fault(support::Fault::Stall);
     let mut held = JoinSet::new();
     for _ in 0..32 {
@@ -289,6 +297,14 @@ async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone()
     assert!(
         stalled < 25.0,
         "with 32 requests in flight and no answers the sidecar used {stalled:.0}% of a core"
+    );
+    let missed = sidecar
+        .metric("sprint_sidecar_busy_poll_missed_seconds_total")
+        .await;
+    let allowed = 0.02 * (started.elapsed().as_secs_f64() + 2.0) + 0.05;
+    assert!(
+        missed <= allowed,
+        "spinning for answers that never came: {missed:.3} s, the cap allows {allowed:.3} s"
     );
     held.abort_all();
     relay.set_fault(support::Fault::None);
