@@ -57,7 +57,8 @@ use crate::metrics::Metrics;
 /// The window over which lost spinning is counted.
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// The most of each second ([`Policy`]'s window) that spins ending without new activity may take: 2%.
+/// The most of each second ([`Policy`]'s window) that spins ending without new activity may
+/// take: 2%.
 pub const MAX_MISSED_SHARE: Duration = Duration::from_millis(20);
 
 /// Requests of a loop waiting for their answers from which the loop spins: with fewer, the
