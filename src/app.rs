@@ -257,7 +257,7 @@ pub async fn run(
     let tls_setup = tls.clone();
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::event_loops::available_cores();
     for index in 0..crate::busy_poll::spinning_loops(loops.len(), cores) {
         loops.spawn_on(
             index,

@@ -89,11 +89,6 @@ impl Policy {
         }
     }
 
-    /// How long a spin lasts without activity.
-    pub fn budget(&self) -> Duration {
-        self.budget
-    }
-
     /// Whether to spin now, with `in_flight` requests of the loop waiting for answers.
     pub fn should_spin(&mut self, now: Instant, in_flight: u32) -> bool {
         self.roll(now);

@@ -187,10 +187,7 @@ impl RuntimeConfig {
     /// quota), but no more than `pool_size`, so that every loop owns a relay connection.
     pub fn event_loops(&self, pool_size: usize) -> usize {
         match self.worker_threads {
-            0 => std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(pool_size)
-                .max(1),
+            0 => crate::event_loops::available_cores().min(pool_size).max(1),
             n => n,
         }
     }
@@ -1570,7 +1567,7 @@ mod tests {
         let env = [("SPRINT_SIDECAR_RUNTIME_WORKER_THREADS", "0")];
         let c = load_text("", &env, &Overrides::default()).expect("0 is valid");
         assert_eq!(c.runtime.worker_threads, 0);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::event_loops::available_cores();
         assert_eq!(c.runtime.event_loops(1024), cores);
         assert_eq!(
             c.runtime.event_loops(1),

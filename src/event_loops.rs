@@ -34,6 +34,12 @@ pub fn current() -> usize {
     CURRENT.with(Cell::get)
 }
 
+/// The cores this process may use: `available_parallelism`, which counts the CPU affinity
+/// mask and the cgroup CPU quota; 1 when it cannot tell.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The running loops: handles to spawn on, and the threads of loops 1.. .
 #[derive(Debug)]
 pub struct EventLoops {

@@ -186,7 +186,7 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             ""
         }
     );
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = sprint_sidecar::event_loops::available_cores();
     let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores);
     if cfg.runtime.busy_poll.is_zero() {
         println!("# busy polling: off (runtime.busy_poll = 0s)");
