@@ -40,6 +40,8 @@ fn nginx_binary() -> PathBuf {
 }
 
 /// An nginx TLS relay answering every request with [`ANSWER`], stopped on drop.
+/// (`/large` answers [`LARGE`] pattern bytes; `/echo?n=V` answers `V`, with
+/// `Cache-Control: max-age=V`.)
 /// The size of the relay's `/large` answer (pattern bytes, see [`support::pattern`]).
 const LARGE: usize = 8 << 20;
 
@@ -78,7 +80,9 @@ impl NginxRelay {
              keepalive_requests {keepalive_requests};\n  server {{\n    \
              listen 127.0.0.1:{port} ssl{h2};\n    ssl_certificate {cert};\n    \
              ssl_certificate_key {key};\n    location / {{ default_type application/json; \
-             return 200 '{ANSWER}'; }}\n    location = /large {{ alias {d}/large.bin; }}\n  \
+             return 200 '{ANSWER}'; }}\n    location = /large {{ alias {d}/large.bin; }}\n    \
+             location = /echo {{ default_type text/plain; \
+             add_header cache-control \"max-age=$arg_n\"; return 200 $arg_n; }}\n  \
              }}\n}}\n",
             user = if root { "user root;\n" } else { "" },
             h2 = if http2 { " http2" } else { "" },
@@ -337,6 +341,65 @@ async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
         .await
         .expect("/ready answers");
     assert_eq!(ready.status(), 200);
+}
+
+/// nginx sends its answers' header fields as literals, each time anew (`server`, `date`,
+/// `content-type`, `content-length`), and the sidecar's HTTP/2 decoder keeps the last value
+/// of each such field to skip decoding it again (vendor/h2, PATCHES.md). Values that repeat,
+/// change, and change back must each reach the client as nginx sent them, across the
+/// `Date` of more than one second.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_values_nginx_repeats_or_changes_reach_clients_exactly() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 10_000);
+    // One connection: every answer goes through the same decoder.
+    let sidecar = sidecar_for(&relay, &pki, 1).await;
+    let values = ["7", "7", "123456", "7", "x", "123456", "123456", "42"];
+    let started = Instant::now();
+    let mut dates = std::collections::BTreeSet::new();
+    let mut servers = std::collections::BTreeSet::new();
+    let mut round = 0;
+    while round < 3 || started.elapsed() < Duration::from_millis(2100) {
+        for value in values {
+            let response = sidecar
+                .client()
+                .get(sidecar.data_url(&format!("/echo?n={value}")))
+                .send()
+                .await
+                .expect("the sidecar answers");
+            assert_eq!(response.status(), 200);
+            let headers = response.headers().clone();
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_else(|| panic!("{name} is forwarded: {headers:?}"))
+                    .to_owned()
+            };
+            assert_eq!(header("content-length"), value.len().to_string());
+            assert_eq!(header("cache-control"), format!("max-age={value}"));
+            assert_eq!(header("content-type"), "text/plain");
+            servers.insert(header("server"));
+            let date = header("date");
+            assert!(
+                httpdate::parse_http_date(&date).is_ok(),
+                "Date {date:?} is an HTTP date"
+            );
+            dates.insert(date);
+            assert_eq!(response.text().await.expect("the body arrives"), value);
+        }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(servers.len(), 1, "one nginx: {servers:?}");
+    assert!(
+        servers.iter().all(|s| s.starts_with("nginx")),
+        "nginx's Server header: {servers:?}"
+    );
+    assert!(
+        dates.len() >= 2,
+        "the answers span more than one second of Date: {dates:?}"
+    );
 }
 
 /// One client's oversized header field costs nobody else anything: nginx answers such a field

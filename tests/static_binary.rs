@@ -209,6 +209,13 @@ fn dockerfile_builds_the_same_way() {
             && dockerfile.contains("musl-tools"),
         "the builder stage must install the musl target and musl-tools"
     );
+    // Cargo.toml patches h2 from vendor/: the dependency layer needs it before it builds.
+    let vendor = dockerfile.find("COPY vendor ./vendor");
+    let first_build = dockerfile.find(&command);
+    assert!(
+        matches!((vendor, first_build), (Some(v), Some(b)) if v < b),
+        "the Dockerfile must copy vendor/ (the patched h2) before the dependency build"
+    );
     let release_path = format!("target/{TARGET}/release/sprint-sidecar");
     assert!(
         dockerfile.contains(&release_path),
