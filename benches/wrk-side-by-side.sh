@@ -23,6 +23,10 @@
 # `pool.size` is N instead of 4),
 # BUSY_POLL_OFF (1: one more default sidecar, sidecar-no-busy-poll, with `runtime.busy_poll =
 # "0s"`, to show what busy polling brings; 0: leave it out),
+# NICE_ZERO (1: one more default sidecar, sidecar-nice-0, with `runtime.nice = 0` instead of -5,
+# to show what the scheduling priority brings where it applies (root or CAP_SYS_NICE); 0: leave
+# it out), NGINX_PRIORITY (1: one more nginx `1`, nginx-1-prio, with `worker_priority -5`, the
+# same priority for the peer; 0: leave it out),
 # RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
@@ -112,7 +116,7 @@ peer() { # NAME WORKERS PORT
         }
     }"
 }
-sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE [BUSY_POLL]]
+sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE [BUSY_POLL [NICE]]]
     mkdir -p "$dir/$1"
     cat >"$dir/$1/sidecar.toml" <<EOF
 [listener]
@@ -129,6 +133,7 @@ size = ${4:-4}
 [runtime]
 worker_threads = $2
 busy_poll = "${5:-200us}"
+nice = ${6:--5}
 EOF
     "$bin" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
     pids+=($!)
@@ -146,6 +151,18 @@ if [ "${BUSY_POLL_OFF:-1}" = 1 ]; then
     names+=(sidecar-no-busy-poll)
     port[sidecar-no-busy-poll]=$((base + offset))
     sidecar sidecar-no-busy-poll 1 $((base + offset)) 4 0s
+    offset=$((offset + 10))
+fi
+if [ "${NICE_ZERO:-1}" = 1 ]; then
+    names+=(sidecar-nice-0)
+    port[sidecar-nice-0]=$((base + offset))
+    sidecar sidecar-nice-0 1 $((base + offset)) 4 200us 0
+    offset=$((offset + 10))
+fi
+if [ "${NGINX_PRIORITY:-1}" = 1 ]; then
+    names+=(nginx-1-prio)
+    port[nginx-1-prio]=$((base + offset))
+    peer nginx-1-prio "1; worker_priority -5" $((base + offset))
     offset=$((offset + 10))
 fi
 for size in ${POOL_SIZES:-}; do
@@ -276,7 +293,7 @@ for k, v in agg.items():
     print(f"{k:18} {mean[k]['rps']:8.0f} {mean[k]['p99']:7.2f} {mean[k]['cpu']:9.3f} {v['rss']/1024:7.1f}Mi {v['errors']:6} {mean[k]['relay']:15.3f} {mean[k]['rr']:15.2f} {mean[k]['rw']:16.2f} {mean[k]['pre']:13.3f} {mean[k]['idle']:6.1f} {mean[k]['wrk']:13.3f} {mean[k]['all']:13.3f}")
 print("\nratios (mean over rounds)")
 for s in [k for k in mean if k.startswith("sidecar")]:
-    for n in ("nginx-auto", "nginx-1"):
+    for n in [n for n in ("nginx-auto", "nginx-1", "nginx-1-prio") if n in mean]:
         r = {m: mean[s][m] / mean[n][m] for m in ("rps", "p99", "cpu")}
         print(f"  {s} / {n:10}  req/s {r['rps']:.2f}  p99 {r['p99']:.2f}  CPU/request {r['cpu']:.2f}")
 EOF

@@ -102,6 +102,64 @@ pub fn open_files_target(
     (soft < needed && target > soft).then_some(target)
 }
 
+/// What became of `runtime.nice` at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// The process already ran at the nice value asked for.
+    Unchanged(i32),
+    /// The nice value was changed as asked.
+    Set { from: i32, to: i32 },
+    /// The kernel refused the change (raising the priority needs root, `CAP_SYS_NICE` or
+    /// `RLIMIT_NICE`); the process runs at `current`.
+    Refused { asked: i32, current: i32 },
+}
+
+impl Priority {
+    /// The nice value the process runs at.
+    pub fn nice(self) -> i32 {
+        match self {
+            Priority::Unchanged(nice) | Priority::Set { to: nice, .. } => nice,
+            Priority::Refused { current, .. } => current,
+        }
+    }
+}
+
+/// Sets the calling thread's nice value to `runtime.nice`, and logs the outcome. Call on the
+/// main thread before the event loops start: the threads started afterwards inherit it
+/// (on Linux a nice value belongs to a thread). Never fails the start: where the priority
+/// cannot be raised, the sidecar runs at the one it was started with.
+pub fn apply_priority(cfg: &Config) -> Priority {
+    use crate::secret::sys;
+    let asked = cfg.runtime.nice;
+    let current = sys::nice().unwrap_or(0);
+    if current == asked {
+        return Priority::Unchanged(asked);
+    }
+    match sys::set_nice(asked) {
+        Ok(()) => {
+            info!(
+                from = current,
+                to = asked,
+                "scheduling priority set (runtime.nice)"
+            );
+            Priority::Set {
+                from: current,
+                to: asked,
+            }
+        }
+        Err(e) => {
+            info!(
+                asked,
+                running_at = current,
+                error = %e,
+                "runtime.nice not applied: raising the priority needs root, CAP_SYS_NICE or \
+                 RLIMIT_NICE"
+            );
+            Priority::Refused { asked, current }
+        }
+    }
+}
+
 /// Raises the open-files soft limit when `listener.max_connections` would not fit (a shell's
 /// default is often 1024), and says so when even the hard limit is too low.
 pub fn raise_open_files_limit(cfg: &Config) {
@@ -255,6 +313,9 @@ pub async fn run(
     let data_stop = Shutdown::new();
     let background = Shutdown::new();
     let tls_setup = tls.clone();
+    // Once the start can no longer fail on bad input, and before the event loops start, so
+    // that their threads inherit it.
+    metrics.set_nice(apply_priority(&cfg).nice());
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
     let cores = crate::event_loops::available_cores();

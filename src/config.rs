@@ -179,6 +179,9 @@ pub struct RuntimeConfig {
     /// How long an event loop under load keeps polling for more work before it sleeps; zero:
     /// never (see `busy_poll`).
     pub busy_poll: Duration,
+    /// The scheduling priority (nice value, -20 to 19) the sidecar sets for itself at start;
+    /// applied when permitted (see `app::apply_priority`).
+    pub nice: i32,
 }
 
 impl RuntimeConfig {
@@ -198,6 +201,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             worker_threads: DEFAULT_WORKER_THREADS,
             busy_poll: DEFAULT_BUSY_POLL,
+            nice: DEFAULT_NICE,
         }
     }
 }
@@ -213,6 +217,15 @@ const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 
 /// A longer spin than this is a typo: it would be a sleep that burns a core.
 const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// Nice -5 (three times the CPU weight of a nice-0 thread): a preempted proxy stalls every
+/// request in flight through it, a preempted client only its own, so the sidecar goes before
+/// the applications it serves when they share cores (README, Performance). Applied only where
+/// the process may raise its priority.
+const DEFAULT_NICE: i32 = -5;
+
+/// The range of nice values Linux has.
+const NICE_RANGE: std::ops::RangeInclusive<i64> = -20..=19;
 
 /// More event loops than this is a typo, not a deployment.
 const MAX_WORKER_THREADS: i64 = 1024;
@@ -440,6 +453,7 @@ impl Default for RawLog {
 struct RawRuntime {
     worker_threads: i64,
     busy_poll: String,
+    nice: i64,
 }
 
 impl Default for RawRuntime {
@@ -447,6 +461,7 @@ impl Default for RawRuntime {
         RawRuntime {
             worker_threads: DEFAULT_WORKER_THREADS as i64,
             busy_poll: "200us".into(),
+            nice: i64::from(DEFAULT_NICE),
         }
     }
 }
@@ -1224,9 +1239,18 @@ impl RawConfig {
                 self.runtime.busy_poll.trim()
             ));
         }
+        let nice = self.runtime.nice;
+        if !NICE_RANGE.contains(&nice) {
+            c.problems.push(format!(
+                "runtime.nice: must be between {} and {} (a Linux nice value), got {nice}",
+                NICE_RANGE.start(),
+                NICE_RANGE.end()
+            ));
+        }
         let runtime = RuntimeConfig {
             worker_threads: threads.clamp(0, MAX_WORKER_THREADS) as usize,
             busy_poll,
+            nice: nice.clamp(*NICE_RANGE.start(), *NICE_RANGE.end()) as i32,
         };
         if !c.problems.is_empty() {
             return Err(ConfigError {
@@ -1620,6 +1644,34 @@ mod tests {
                 "one problem: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn nice_defaults_to_minus_five_takes_the_linux_range_and_refuses_the_rest() {
+        let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
+        assert_eq!(c.runtime.nice, -5);
+        let env = [("SPRINT_SIDECAR_RUNTIME_NICE", "0")];
+        let c = load_text("", &env, &Overrides::default()).expect("0 is valid");
+        assert_eq!(c.runtime.nice, 0);
+        for (text, nice) in [("-20", -20), ("19", 19)] {
+            let c = load_text(
+                &format!("[runtime]\nnice = {text}\n"),
+                &[],
+                &Overrides::default(),
+            )
+            .expect("the ends of the range are valid");
+            assert_eq!(c.runtime.nice, nice);
+        }
+        for bad in ["-21", "20", "1000"] {
+            let text = format!("[runtime]\nnice = {bad}\n");
+            let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("runtime.nice") && msg.contains(bad), "{msg}");
+            assert_eq!(msg.matches("runtime.nice").count(), 1, "one problem: {msg}");
+        }
+        let err =
+            load_text("[runtime]\nnice = \"high\"\n", &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("nice"), "{err}");
     }
 
     #[test]

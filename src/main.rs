@@ -197,6 +197,20 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             humantime::format_duration(cfg.runtime.busy_poll)
         );
     }
+    // Tried for real (this process exits next), so the line says what `run` would get here.
+    let priority = app::apply_priority(&cfg);
+    println!(
+        "# scheduling priority: nice {} (runtime.nice); {}",
+        cfg.runtime.nice,
+        match priority {
+            app::Priority::Unchanged(_) => "already in effect here".to_string(),
+            app::Priority::Set { .. } => "permitted here".to_string(),
+            app::Priority::Refused { current, .. } => format!(
+                "NOT permitted here (needs root, CAP_SYS_NICE or RLIMIT_NICE): would run at \
+                 nice {current}"
+            ),
+        }
+    );
     println!("# configuration is valid");
     Ok(())
 }

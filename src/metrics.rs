@@ -61,6 +61,7 @@ struct Inner {
     secret_reloads: Family<Labels2, Counter>,
     busy_poll_spins: Counter,
     busy_poll_missed: Counter<f64, AtomicU64>,
+    nice: Gauge,
     secure_buffers: Gauge,
     locked_bytes: Gauge,
     self_check_passed: Gauge,
@@ -320,6 +321,13 @@ impl Metrics {
             Unit::Seconds,
             busy_poll_missed.clone(),
         );
+        let nice = Gauge::default();
+        service.register(
+            "scheduling_nice",
+            "The nice value the sidecar's threads run at: runtime.nice where the process may \
+             raise its priority, else the one it was started with",
+            nice.clone(),
+        );
         let read_ahead = Gauge::default();
         pool.register_with_unit(
             "upstream_read_ahead",
@@ -380,6 +388,7 @@ impl Metrics {
                 secret_reloads,
                 busy_poll_spins,
                 busy_poll_missed,
+                nice,
                 secure_buffers,
                 locked_bytes,
                 self_check_passed,
@@ -487,6 +496,11 @@ impl Metrics {
     }
 
     /// An event loop busy-polled; `missed` of it waited for work that never came.
+    /// The nice value in effect (see `app::apply_priority`).
+    pub fn set_nice(&self, nice: i32) {
+        self.inner.nice.set(i64::from(nice));
+    }
+
     pub fn busy_poll_spin(&self, missed: std::time::Duration) {
         self.inner.busy_poll_spins.inc();
         if !missed.is_zero() {

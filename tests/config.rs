@@ -493,3 +493,172 @@ async fn insecure_permissions_can_be_allowed_explicitly() {
         .await;
     assert_accepted(&output);
 }
+
+// ---- scheduling priority (runtime.nice) ----
+
+/// Whether this process may raise its priority (root, or `CAP_SYS_NICE` in effect).
+fn may_raise_priority() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        // CAP_SYS_NICE is capability 23.
+        .is_some_and(|effective| effective & (1 << 23) != 0)
+}
+
+/// Runs the binary without `CAP_SYS_NICE` (and with `RLIMIT_NICE` 0), so that it cannot
+/// raise its priority even as root.
+const WITHOUT_SYS_NICE: [&str; 5] = [
+    "prlimit",
+    "--nice=0:0",
+    "setpriv",
+    "--bounding-set=-sys_nice",
+    "--",
+];
+
+/// The nice value of each thread of process `pid` (`/proc/PID/task/*/stat`, field 19).
+fn thread_nice_values(pid: u32) -> Vec<i64> {
+    let mut values = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's tasks") {
+        let stat = std::fs::read_to_string(task.expect("a task").path().join("stat"))
+            .expect("a task's stat");
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let after_name = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
+        let nice = after_name
+            .split_whitespace()
+            .nth(19 - 3)
+            .and_then(|field| field.parse().ok())
+            .expect("field 19 is the nice value");
+        values.push(nice);
+    }
+    values
+}
+
+/// The value of one sample line of the sidecar's Prometheus text (panics when absent).
+async fn metric(sidecar: &support::Sidecar, name: &str) -> f64 {
+    let text = sidecar.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+/// check-config tries the priority for real and says whether `run` would get it here.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_says_whether_the_priority_can_be_raised_here() {
+    let pki = Pki::new();
+    let refused = valid(&pki)
+        .wrapper(&WITHOUT_SYS_NICE)
+        .run_command("check-config")
+        .await;
+    assert_accepted(&refused);
+    assert!(
+        refused.stdout.contains(
+            "# scheduling priority: nice -5 (runtime.nice); NOT permitted here (needs root, \
+             CAP_SYS_NICE or RLIMIT_NICE): would run at nice 0"
+        ),
+        "{}",
+        refused.stdout
+    );
+    // Lowering the priority is always permitted.
+    let lowered = valid(&pki)
+        .set("runtime", "nice", "7")
+        .run_command("check-config")
+        .await;
+    assert_accepted(&lowered);
+    assert!(
+        lowered
+            .stdout
+            .contains("# scheduling priority: nice 7 (runtime.nice); permitted here"),
+        "{}",
+        lowered.stdout
+    );
+    if may_raise_priority() {
+        let raised = valid(&pki).run_command("check-config").await;
+        assert!(
+            raised
+                .stdout
+                .contains("# scheduling priority: nice -5 (runtime.nice); permitted here"),
+            "{}",
+            raised.stdout
+        );
+    }
+}
+
+/// Every thread of the running sidecar, the event loops it starts included, runs at
+/// `runtime.nice`; the metric says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_thread_runs_at_runtime_nice() {
+    let relay = support::Relay::builder().start().await;
+    // Lowering the priority needs no privilege, so this part runs anywhere; raising it
+    // (the default, -5) needs root or CAP_SYS_NICE.
+    let mut cases: Vec<i32> = vec![7];
+    if may_raise_priority() {
+        cases.push(-5);
+    }
+    for nice in cases {
+        let mut builder = support::Sidecar::builder()
+            .relay(&relay)
+            .set("runtime", "worker_threads", "2")
+            .set("pool", "size", "2");
+        if nice != -5 {
+            builder = builder.set("runtime", "nice", &nice.to_string());
+        }
+        let sidecar = builder.start().await;
+        sidecar.wait_ready().await;
+        let pid = sidecar.pid().expect("the sidecar runs");
+        let values = thread_nice_values(pid);
+        assert!(
+            values.len() >= 2,
+            "the main thread and a second event loop: {values:?}"
+        );
+        assert!(
+            values.iter().all(|&value| value == i64::from(nice)),
+            "every thread at nice {nice}: {values:?}"
+        );
+        assert_eq!(
+            metric(&sidecar, "sprint_sidecar_scheduling_nice").await,
+            f64::from(nice)
+        );
+        assert!(sidecar.logs_contain("scheduling priority set (runtime.nice)"));
+    }
+}
+
+/// Where the priority cannot be raised the sidecar starts anyway, at the nice it was given,
+/// serves, and says why once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_priority_costs_nothing_but_a_log_line() {
+    let relay = support::Relay::builder().start().await;
+    let sidecar = support::Sidecar::builder()
+        .relay(&relay)
+        .wrapper(&WITHOUT_SYS_NICE)
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    let answer = sidecar
+        .client()
+        .post(sidecar.data_url("/"))
+        .body(r#"{"jsonrpc":"2.0","id":1}"#)
+        .send()
+        .await
+        .expect("the sidecar answers");
+    assert_eq!(answer.status(), 200);
+    let pid = sidecar.pid().expect("the sidecar runs");
+    assert!(
+        thread_nice_values(pid).iter().all(|&value| value == 0),
+        "{:?}",
+        thread_nice_values(pid)
+    );
+    assert_eq!(
+        metric(&sidecar, "sprint_sidecar_scheduling_nice").await,
+        0.0
+    );
+    assert!(
+        sidecar.logs_contain("runtime.nice not applied"),
+        "{}",
+        sidecar.logs().join("\n")
+    );
+}

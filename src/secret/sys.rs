@@ -1,5 +1,6 @@
 //! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
-//! limits (core size, locked memory, open files), `mlockall` and the page size. `hardening` calls these;
+//! limits (core size, locked memory, open files), `mlockall`, the page size and the
+//! scheduling priority (nice). `hardening` calls these;
 //! nothing else in the crate touches libc for them.
 
 use std::io;
@@ -103,6 +104,37 @@ pub fn lock_all_memory() -> io::Result<()> {
 /// Whether [`lock_all_memory`] succeeded in this process.
 pub fn is_lock_all_applied() -> bool {
     LOCK_ALL_APPLIED.load(Ordering::Relaxed)
+}
+
+/// The calling thread's nice value (`getpriority(PRIO_PROCESS, 0)`: on Linux a thread's own;
+/// threads it starts later inherit it).
+pub fn nice() -> io::Result<i32> {
+    // getpriority returns -1 both for nice -1 and for an error: errno tells them apart.
+    // SAFETY: __errno_location returns the calling thread's errno slot, valid for the
+    // thread's lifetime; writing 0 to it is what POSIX asks before such a call.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority takes two integers and returns one; no memory is passed.
+    let value = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if value == -1 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(0) {
+            return Err(error);
+        }
+    }
+    Ok(value)
+}
+
+/// Sets the calling thread's nice value (`setpriority(PRIO_PROCESS, 0, value)`), which the
+/// threads it starts afterwards inherit. Raising the priority (a lower value than the
+/// current one) needs root, `CAP_SYS_NICE` or a high enough `RLIMIT_NICE`; without them the
+/// kernel refuses it (`EACCES` or `EPERM`) and nothing changes.
+pub fn set_nice(value: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes three integers; no memory is passed.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The kernel's page size, the granularity of mlock, mprotect and guard pages.
