@@ -4,14 +4,20 @@ use indexmap::{self, IndexMap};
 
 use std::convert::Infallible;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::ops;
+
+/// sprint-sidecar patch (PATCHES.md): stream ids are hashed with FNV, not SipHash. The map
+/// holds only the connection's open streams (bounded by its concurrency limits), so a peer
+/// that picks colliding ids gains nothing a flood of streams would not.
+type StreamIds = IndexMap<StreamId, SlabIndex, BuildHasherDefault<fnv::FnvHasher>>;
 
 /// Storage for streams
 #[derive(Debug)]
 pub(super) struct Store {
     slab: slab::Slab<Stream>,
-    ids: IndexMap<StreamId, SlabIndex>,
+    ids: StreamIds,
 }
 
 /// "Pointer" to an entry in the store
@@ -82,7 +88,7 @@ impl Store {
     pub fn new() -> Self {
         Store {
             slab: slab::Slab::new(),
-            ids: IndexMap::new(),
+            ids: StreamIds::default(),
         }
     }
 
