@@ -22,7 +22,8 @@
 # (empty; e.g. "1 2 8": one more default sidecar per size, named sidecar-pool-N, whose
 # `pool.size` is N instead of 4),
 # BUSY_POLL_OFF (1: one more default sidecar, sidecar-no-busy-poll, with `runtime.busy_poll =
-# "0s"`, to show what busy polling brings; 0: leave it out),
+# "0s"`, to show what busy polling brings; 0: leave it out; where the default sidecar's
+# priority is raised, busy polling stands down, so this peer runs as the default does),
 # NICE_ZERO (1: one more default sidecar, sidecar-nice-0, with `runtime.nice = 0` instead of -5,
 # to show what the scheduling priority brings where it applies (root or CAP_SYS_NICE); 0: leave
 # it out), NGINX_PRIORITY (1: one more nginx `1`, nginx-1-prio, with `worker_priority -5`, the

@@ -315,11 +315,18 @@ pub async fn run(
     let tls_setup = tls.clone();
     // Once the start can no longer fail on bad input, and before the event loops start, so
     // that their threads inherit it.
-    metrics.set_nice(apply_priority(&cfg).nice());
+    let nice = apply_priority(&cfg).nice();
+    metrics.set_nice(nice);
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
     let cores = crate::event_loops::available_cores();
-    for index in 0..crate::busy_poll::spinning_loops(loops.len(), cores) {
+    if nice < 0 && !cfg.runtime.busy_poll.is_zero() {
+        info!(
+            nice,
+            "busy polling stands down: the sidecar runs at a raised priority"
+        );
+    }
+    for index in 0..crate::busy_poll::spinning_loops(loops.len(), cores, nice) {
         loops.spawn_on(
             index,
             crate::busy_poll::run(

@@ -186,17 +186,6 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             ""
         }
     );
-    let cores = sprint_sidecar::event_loops::available_cores();
-    let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores);
-    if cfg.runtime.busy_poll.is_zero() {
-        println!("# busy polling: off (runtime.busy_poll = 0s)");
-    } else {
-        println!(
-            "# busy polling: {spinning} of {loops} event loop(s) (runtime.busy_poll = {}; {cores} \
-             core(s), one always left free)",
-            humantime::format_duration(cfg.runtime.busy_poll)
-        );
-    }
     // Tried for real (this process exits next), so the line says what `run` would get here.
     let priority = app::apply_priority(&cfg);
     println!(
@@ -211,6 +200,24 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             ),
         }
     );
+    let cores = sprint_sidecar::event_loops::available_cores();
+    let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores, priority.nice());
+    if cfg.runtime.busy_poll.is_zero() {
+        println!("# busy polling: off (runtime.busy_poll = 0s)");
+    } else if priority.nice() < 0 {
+        println!(
+            "# busy polling: stands down here, the priority is raised (nice {}; runtime.busy_poll \
+             = {} applies at nice 0 or above)",
+            priority.nice(),
+            humantime::format_duration(cfg.runtime.busy_poll)
+        );
+    } else {
+        println!(
+            "# busy polling: {spinning} of {loops} event loop(s) (runtime.busy_poll = {}; {cores} \
+             core(s), one always left free)",
+            humantime::format_duration(cfg.runtime.busy_poll)
+        );
+    }
     println!("# configuration is valid");
     Ok(())
 }

@@ -247,14 +247,48 @@ async fn cpu_percent_over(pid: u32, window: Duration) -> f64 {
     (cpu_ticks(pid) - before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0
 }
 
+/// Busy polling stands down while the sidecar runs at a raised priority (`runtime.nice` -5,
+/// the default, where it may be raised): 200 concurrent requests, which make a nice-0 loop
+/// spin on two or more cores, make it spin not once. Where the priority cannot be raised the
+/// sidecar runs at nice 0 and spins as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_stands_down_at_a_raised_priority() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let client = support::client();
+    let mut burst = JoinSet::new();
+    for _ in 0..200 {
+        let (client, url) = (client.clone(), sidecar.data_url("/"));
+        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(done) = burst.join_next().await {
+        assert_eq!(done.expect("no panic").expect("answered"), 200);
+    }
+    let nice = sidecar.metric("sprint_sidecar_scheduling_nice").await;
+    let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if nice < 0.0 {
+        assert_eq!(spins, 0.0, "at nice {nice} the loop never spins");
+        assert!(
+            sidecar.logs_contain("busy polling stands down"),
+            "{}",
+            sidecar.logs().join("\n")
+        );
+    } else if cores > 1 {
+        assert!(spins > 0.0, "at nice {nice} the loop spins as before");
+    }
+}
+
 /// Busy polling (`runtime.busy_poll`, on by default) spins only while answers are due: with
 /// 32 requests held by a relay that never answers, spins that find nothing stop at their cap
 /// (2% of a core), and once the load is gone the loop sleeps. A spinner that kept going
-/// would hold a core at 100%.
+/// would hold a core at 100%. (At nice 0: at a raised priority busy polling stands down,
+/// see the next test.)
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone() {
     let (relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar.set_str("pool", "request_timeout", "30s")
+        sidecar
+            .set_str("pool", "request_timeout", "30s")
+            .set("runtime", "nice", "0")
     })
     .await;
     let pid = sidecar.pid().expect("running");
