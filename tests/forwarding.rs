@@ -247,6 +247,19 @@ async fn cpu_percent_over(pid: u32, window: Duration) -> f64 {
     (cpu_ticks(pid) - before) as f64 / ticks_per_second / window.as_secs_f64() * 100.0
 }
 
+/// Sends `n` GETs at once and asserts that every one is answered 200.
+async fn concurrent_gets_all_answered_200(sidecar: &Sidecar, n: usize) {
+    let client = support::client();
+    let mut burst = JoinSet::new();
+    for _ in 0..n {
+        let (client, url) = (client.clone(), sidecar.data_url("/"));
+        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
+    }
+    while let Some(done) = burst.join_next().await {
+        assert_eq!(done.expect("no panic").expect("answered"), 200);
+    }
+}
+
 /// Busy polling stands down while the sidecar runs at a raised priority (`runtime.nice` -5,
 /// the default, where it may be raised): 200 concurrent requests, which make a nice-0 loop
 /// spin on two or more cores, make it spin not once. Where the priority cannot be raised the
@@ -254,15 +267,7 @@ async fn cpu_percent_over(pid: u32, window: Duration) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_stands_down_at_a_raised_priority() {
     let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
-    let client = support::client();
-    let mut burst = JoinSet::new();
-    for _ in 0..200 {
-        let (client, url) = (client.clone(), sidecar.data_url("/"));
-        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
-    }
-    while let Some(done) = burst.join_next().await {
-        assert_eq!(done.expect("no panic").expect("answered"), 200);
-    }
+    concurrent_gets_all_answered_200(&sidecar, 200).await;
     let nice = sidecar.metric("sprint_sidecar_scheduling_nice").await;
     let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -294,14 +299,7 @@ async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone()
     let pid = sidecar.pid().expect("running");
     let client = support::client();
     // Load first, so the loop spins, then a relay that holds every request.
-    let mut burst = JoinSet::new();
-    for _ in 0..200 {
-        let (client, url) = (client.clone(), sidecar.data_url("/"));
-        burst.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
-    }
-    while let Some(done) = burst.join_next().await {
-        assert_eq!(done.expect("no panic").expect("answered"), 200);
-    }
+    concurrent_gets_all_answered_200(&sidecar, 200).await;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
     if cores > 1 {
