@@ -320,7 +320,7 @@ pub async fn run(
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
     let cores = crate::event_loops::available_cores();
-    if nice < 0 && !cfg.runtime.busy_poll.is_zero() {
+    if crate::busy_poll::stands_down_at(nice) && !cfg.runtime.busy_poll.is_zero() {
         info!(
             nice,
             "busy polling stands down: the sidecar runs at a raised priority"

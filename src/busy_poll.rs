@@ -75,10 +75,16 @@ pub const MIN_IN_FLIGHT: u32 = 8;
 /// value `nice`: at most one core fewer than there are, and none at a raised priority
 /// (module documentation).
 pub fn spinning_loops(loops: usize, cores: usize, nice: i32) -> usize {
-    if nice < 0 {
+    if stands_down_at(nice) {
         return 0;
     }
     loops.min(cores.saturating_sub(1))
+}
+
+/// Whether busy polling stands down with the process at nice value `nice`: at a raised
+/// priority (module documentation).
+pub fn stands_down_at(nice: i32) -> bool {
+    nice < 0
 }
 
 /// When to spin: the pure part of the decision (module documentation).

@@ -204,7 +204,7 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores, priority.nice());
     if cfg.runtime.busy_poll.is_zero() {
         println!("# busy polling: off (runtime.busy_poll = 0s)");
-    } else if priority.nice() < 0 {
+    } else if sprint_sidecar::busy_poll::stands_down_at(priority.nice()) {
         println!(
             "# busy polling: stands down here, the priority is raised (nice {}; runtime.busy_poll \
              = {} applies at nice 0 or above)",

@@ -495,12 +495,12 @@ impl Metrics {
             .inc();
     }
 
-    /// An event loop busy-polled; `missed` of it waited for work that never came.
     /// The nice value in effect (see `app::apply_priority`).
     pub fn set_nice(&self, nice: i32) {
         self.inner.nice.set(i64::from(nice));
     }
 
+    /// An event loop busy-polled; `missed` of it waited for work that never came.
     pub fn busy_poll_spin(&self, missed: std::time::Duration) {
         self.inner.busy_poll_spins.inc();
         if !missed.is_zero() {

@@ -1,7 +1,7 @@
 //! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
 //! limits (core size, locked memory, open files), `mlockall`, the page size and the
-//! scheduling priority (nice). `hardening` calls these;
-//! nothing else in the crate touches libc for them.
+//! scheduling priority (nice). `hardening` and `app` call these; nothing else in the crate
+//! touches libc for them.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
