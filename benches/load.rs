@@ -592,6 +592,11 @@ struct Measured {
     peak_rss_kib: Option<u64>,
     /// CPU of this process (load generator + relay) over the window, as a share of a core.
     load_core_busy: f64,
+    /// CPU seconds of the load generator (this process, with the in-process relay when that
+    /// one answers) and of the nginx relay's processes over the window: what each proxy's
+    /// way of talking costs the other side.
+    generator_cpu_s: f64,
+    relay_cpu_s: Option<f64>,
     /// Time the hypervisor took from the two cores during the window (`/proc/stat` steal),
     /// as a share of the window, the larger of the two.
     steal: f64,
@@ -606,6 +611,11 @@ impl Measured {
     fn cpu_per_10k(&self) -> Option<f64> {
         self.proxy_cpu_s
             .map(|cpu| cpu / self.requests.max(1) as f64 * 10_000.0)
+    }
+
+    /// CPU seconds per 10 000 answered requests.
+    fn per_10k(&self, cpu_s: f64) -> f64 {
+        cpu_s / self.requests.max(1) as f64 * 10_000.0
     }
 
     /// Several rounds of one scenario as one: requests, CPU, system calls and handshakes
@@ -639,6 +649,8 @@ impl Measured {
                 .map(|m| m.load_core_busy * m.window_seconds)
                 .sum::<f64>()
                 / window_seconds.max(f64::EPSILON),
+            generator_cpu_s: rounds.iter().map(|m| m.generator_cpu_s).sum(),
+            relay_cpu_s: all(&|m| m.relay_cpu_s).map(|cpu| cpu.iter().sum()),
             relay_handshakes: rounds
                 .iter()
                 .map(|m| m.relay_handshakes)
@@ -800,9 +812,10 @@ async fn measure(
     let proxy_before = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_before = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
     // The load core's work: this process, and the nginx relay when it answers.
-    let load_ticks =
-        || cpu_ticks(std::process::id()).unwrap_or(0) + relay_process.map_or(0, tree_ticks);
-    let self_before = load_ticks();
+    let generator_ticks = || cpu_ticks(std::process::id()).unwrap_or(0);
+    let relay_ticks = || relay_process.map(tree_ticks);
+    let generator_before = generator_ticks();
+    let relay_before = relay_ticks();
     let steal_before = steal_ticks();
     let handshakes_before = relay.map(Relay::tls_accepted);
 
@@ -810,7 +823,8 @@ async fn measure(
     let window_seconds = window_start.elapsed().as_secs_f64();
     let proxy_after = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_after = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
-    let self_after = load_ticks();
+    let generator_after = generator_ticks();
+    let relay_after = relay_ticks();
     let steal_after = steal_ticks();
     let relay_handshakes = relay
         .map(Relay::tls_accepted)
@@ -854,9 +868,17 @@ async fn measure(
             .unwrap_or(0) as f64
             / ticks_per_second
             / window_seconds,
-        load_core_busy: self_after.saturating_sub(self_before) as f64
+        load_core_busy: (generator_after.saturating_sub(generator_before)
+            + relay_after
+                .zip(relay_before)
+                .map_or(0, |(after, before)| after.saturating_sub(before)))
+            as f64
             / ticks_per_second
             / window_seconds,
+        generator_cpu_s: generator_after.saturating_sub(generator_before) as f64 / ticks_per_second,
+        relay_cpu_s: relay_after
+            .zip(relay_before)
+            .map(|(after, before)| after.saturating_sub(before) as f64 / ticks_per_second),
         relay_handshakes,
         proxy_io_syscalls: io_before
             .zip(io_after)
@@ -1316,7 +1338,7 @@ fn ejections(sidecar: &Sidecar) -> usize {
 
 fn print_table(results: &[Measured]) {
     println!(
-        "\n{:<44} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>5} {:>8} {:>5} {:>6} {:>6} {:>5}",
+        "\n{:<44} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>5} {:>8} {:>5} {:>7} {:>7} {:>6} {:>6} {:>5}",
         "scenario",
         "req/s",
         "p50 ms",
@@ -1327,6 +1349,8 @@ fn print_table(results: &[Measured]) {
         "proxy",
         "peak RSS",
         "load",
+        "gen/10k",
+        "rly/10k",
         "TLS hs",
         "sc/req",
         "steal",
@@ -1345,7 +1369,7 @@ fn print_table(results: &[Measured]) {
             format!("{:.1}MiB", kib as f64 / 1024.0)
         });
         println!(
-            "{:<44} {:>7.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>9} {:>5} {:>8} {:>4.0}% {:>6} {:>6} {:>4.1}%",
+            "{:<44} {:>7.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>9} {:>5} {:>8} {:>4.0}% {:>7.3} {:>7} {:>6} {:>6} {:>4.1}%",
             m.name,
             m.rps,
             m.p50_ms,
@@ -1356,6 +1380,9 @@ fn print_table(results: &[Measured]) {
             proxy_busy,
             rss,
             m.load_core_busy * 100.0,
+            m.per_10k(m.generator_cpu_s),
+            m.relay_cpu_s
+                .map_or("-".to_owned(), |cpu| format!("{:.3}", m.per_10k(cpu))),
             m.relay_handshakes
                 .map_or("-".to_owned(), |count| count.to_string()),
             syscalls,
@@ -1973,7 +2000,8 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         "\ncolumns: CPU s/10k = proxy utime+stime (/proc/PID/stat; nginx master+worker) per \
          10 000 answered requests; proxy = its CPU as a share of its one core; peak RSS = \
          VmHWM (nginx: master+worker summed); load = this process (clients + relay) on its \
-         core; TLS hs = handshakes the relay completed during the window; sc/req = the \
+         core; gen/10k and rly/10k = the load core's CPU s/10k split: the load generator \
+         (with the in-process relay when that one answers) and the nginx relay; TLS hs = handshakes the relay completed during the window; sc/req = the \
          proxy's read+write system calls (/proc/PID/io syscr+syscw) per answered request; \
          steal = time the hypervisor took from the busier core (/proc/stat)"
     );
