@@ -62,6 +62,8 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "load/wire.rs"]
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,6 +129,28 @@ struct Settings {
     relay: RelayChoice,
     /// `LOAD_ALT_ENV`: the environments of the `sidecar-alt` variants (`KEY=VALUE,...;...`).
     alt_envs: Vec<Vec<(String, String)>>,
+    /// `LOAD_CLIENT`: the load generator's HTTP/1.1 client.
+    client: ClientKind,
+}
+
+/// The HTTP/1.1 client of the load generator (`LOAD_CLIENT`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// `wire`: prepared request bytes, one reused read buffer, httparse ([`wire`]).
+    Wire,
+    /// `hyper`: hyper's client connection, a `Request` and a collected body per request.
+    Hyper,
+}
+
+impl ClientKind {
+    fn describe(self) -> &'static str {
+        match self {
+            ClientKind::Wire => {
+                "wire (prepared bytes, httparse; LOAD_CLIENT=hyper for hyper's client)"
+            }
+            ClientKind::Hyper => "hyper's client (LOAD_CLIENT=hyper)",
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T, String> {
@@ -233,6 +257,15 @@ impl Settings {
             alt_envs,
             steal_limit: env_or("LOAD_STEAL_LIMIT", 2.0)? / 100.0,
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
+            client: match env_or("LOAD_CLIENT", "wire".to_owned())?.as_str() {
+                "wire" => ClientKind::Wire,
+                "hyper" => ClientKind::Hyper,
+                other => {
+                    return Err(format!(
+                        "LOAD_CLIENT: {other:?} is neither \"wire\" nor \"hyper\""
+                    ));
+                }
+            },
             relay: match env_or("LOAD_RELAY", "nginx".to_owned())?.as_str() {
                 "nginx" => RelayChoice::Nginx,
                 "support" => RelayChoice::Support,
@@ -399,12 +432,25 @@ impl Target {
         HeaderValue::from_str(&addr.to_string()).expect("a socket address is a valid Host")
     }
 
+    /// A connection of the load generator's kind to the target.
+    async fn session(&self, kind: ClientKind) -> Result<Session, BoxError> {
+        let io = self.connect_io().await?;
+        Ok(match kind {
+            ClientKind::Wire => Session::Wire(wire::Conn::new(io)),
+            ClientKind::Hyper => Session::Hyper(handshake(io).await?),
+        })
+    }
+
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, BoxError> {
+        handshake(self.connect_io().await?).await
+    }
+
+    async fn connect_io(&self) -> Result<Box<dyn wire::Io>, BoxError> {
         match self {
             Target::Plain(addr) => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                handshake(stream).await
+                Ok(Box::new(stream))
             }
             Target::Tls {
                 addr,
@@ -413,11 +459,16 @@ impl Target {
             } => {
                 let stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
-                let tls = connector.connect(name.clone(), stream).await?;
-                handshake(tls).await
+                Ok(Box::new(connector.connect(name.clone(), stream).await?))
             }
         }
     }
+}
+
+/// One client's connection: hyper's, or the wire client's.
+enum Session {
+    Hyper(SendRequest<Full<Bytes>>),
+    Wire(wire::Conn),
 }
 
 async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, BoxError>
@@ -446,6 +497,7 @@ struct Sample {
 /// `max_requests` were issued) and returns every sample.
 async fn generate(
     target: Target,
+    kind: ClientKind,
     clients: usize,
     started: Instant,
     duration: Duration,
@@ -457,7 +509,7 @@ async fn generate(
         .map(|_| {
             let target = target.clone();
             let issued = issued.clone();
-            tokio::spawn(client(target, started, end, issued, max_requests))
+            tokio::spawn(client(target, kind, started, end, issued, max_requests))
         })
         .collect();
     let mut samples = Vec::new();
@@ -469,6 +521,7 @@ async fn generate(
 
 async fn client(
     target: Target,
+    kind: ClientKind,
     started: Instant,
     end: Instant,
     issued: Arc<AtomicU64>,
@@ -476,14 +529,15 @@ async fn client(
 ) -> Vec<Sample> {
     let host = target.host();
     let body = request_body();
+    let wire_request = wire::request_bytes(host.to_str().unwrap_or_default(), &body);
     let mut samples = Vec::with_capacity(16 * 1024);
-    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let mut session: Option<Session> = None;
     while Instant::now() < end && issued.fetch_add(1, Ordering::Relaxed) < max_requests {
         let begin = Instant::now();
-        let mut current = match sender.take() {
-            Some(sender) => sender,
-            None => match tokio::time::timeout(REQUEST_TIMEOUT, target.connect()).await {
-                Ok(Ok(sender)) => sender,
+        let mut current = match session.take() {
+            Some(session) => session,
+            None => match tokio::time::timeout(REQUEST_TIMEOUT, target.session(kind)).await {
+                Ok(Ok(session)) => session,
                 _ => {
                     samples.push(sample(started, begin, 0, false));
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -491,30 +545,44 @@ async fn client(
                 }
             },
         };
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/")
-            .header(header::HOST, host.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body.clone()))
-            .expect("a static request is valid");
         let begin = Instant::now();
         let exchange = async {
-            current.ready().await?;
-            let response = current.send_request(request).await?;
-            let ok = response.status() == http::StatusCode::OK;
-            let relay_connection = response
-                .headers()
-                .get("x-relay-connection-id")
-                .and_then(|value| value.to_str().ok()?.parse().ok())
-                .unwrap_or(0);
-            response.into_body().collect().await?;
-            Ok::<_, BoxError>((ok, relay_connection))
+            match &mut current {
+                Session::Wire(conn) => {
+                    let answer = conn.exchange(&wire_request).await?;
+                    Ok::<_, BoxError>((
+                        answer.status == 200,
+                        answer.relay_connection,
+                        !answer.close,
+                    ))
+                }
+                Session::Hyper(sender) => {
+                    let request = Request::builder()
+                        .method(Method::POST)
+                        .uri("/")
+                        .header(header::HOST, host.clone())
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Full::new(body.clone()))
+                        .expect("a static request is valid");
+                    sender.ready().await?;
+                    let response = sender.send_request(request).await?;
+                    let ok = response.status() == http::StatusCode::OK;
+                    let relay_connection = response
+                        .headers()
+                        .get("x-relay-connection-id")
+                        .and_then(|value| value.to_str().ok()?.parse().ok())
+                        .unwrap_or(0);
+                    response.into_body().collect().await?;
+                    Ok((ok, relay_connection, true))
+                }
+            }
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Ok(Ok((ok, relay_connection))) => {
+            Ok(Ok((ok, relay_connection, reusable))) => {
                 samples.push(sample(started, begin, relay_connection, ok));
-                sender = Some(current);
+                if reusable {
+                    session = Some(current);
+                }
             }
             // Error or timeout: count it, drop the connection, reconnect.
             _ => samples.push(sample(started, begin, 0, false)),
@@ -801,6 +869,7 @@ async fn measure(
     let seconds = Duration::from_secs_f64(phases.seconds);
     let load = tokio::spawn(generate(
         target,
+        settings.client,
         settings.clients,
         started,
         warmup + seconds,
@@ -1885,6 +1954,7 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
             RelayChoice::Support => "healthy scenarios: in-process rustls + hyper",
         }
     );
+    println!("  load generator client: {}", settings.client.describe());
     println!("  sidecar: {}", settings.sidecar.display());
     println!("  peer: {nginx_version}");
 
