@@ -1,22 +1,22 @@
-//! The load harness (issues 2 and 3): in one run it starts a TLS relay (ALPN h2 and
-//! http/1.1: Debian's nginx serving a fixed JSON-RPC answer for the healthy scenarios, the
-//! in-process test relay of `tests/support` for the slow ones and with `LOAD_RELAY=support`),
-//! Debian's nginx as the peer proxy and the release `sprint-sidecar` in front of it, drives the same closed-loop load through each (64 HTTP/1.1 keep-alive clients, a
-//! ~100-byte JSON-RPC POST to `/`), and prints requests/s, p50/p99 latency, proxy CPU seconds
-//! per 10 000 requests and peak RSS, with the ratios sidecar/nginx. The sidecar also runs with
-//! `memory.wipe_freed_memory` off to price the wiping allocator. Then slow relay connections
-//! (+50 ms), to show the sidecar's per-connection ejection:
+//! The load harness (issues 2 and 3): in one run it starts the test relay (the in-process
+//! TLS relay of `tests/support`, ALPN h2 and http/1.1), Debian's nginx as the peer proxy and
+//! the release `sprint-sidecar` in front of it, drives the same closed-loop load through each
+//! (64 HTTP/1.1 keep-alive clients, a ~100-byte JSON-RPC POST to `/`), and prints requests/s,
+//! p50/p99 latency, proxy CPU seconds per 10 000 requests and peak RSS, with the ratios
+//! sidecar/nginx. The sidecar also runs with `memory.wipe_freed_memory` off to price the
+//! wiping allocator. Then slow relay connections (+50 ms), to show the sidecar's
+//! per-connection ejection:
 //!
-//! * `slow-*`: one relay connection is slow (the support relay's per-connection fault on the
+//! * `slow-*`: one relay connection is slow (the test relay's per-connection fault on the
 //!   first connection the proxy opens); a re-dial gets a healthy one.
 //! * `slowpath-*`: every relay connection whose id is a multiple of 4 is slow, so one in four
 //!   of any set of connections (a slow relay instance behind a balancer); a re-dial may land
 //!   on a slow one again.
 //!
 //! ```text
-//!  core 1: this process ── load generator (64 clients) ──┐        ┌── relay (nginx, one
-//!                                                        │        │   worker; or in-process)
-//!  core 0: proxy under test ◀── plain HTTP/1.1 ──────────┘        │
+//!  core 1: this process, one thread ─ load generator (64 clients) ─┐   ┌─ test relay (or nginx,
+//!                                                                  │   │  one worker, LOAD_RELAY)
+//!  core 0: proxy under test ◀── plain HTTP/1.1 ────────────────────┘   │
 //!          nginx: worker_processes 1          ── TLS (verify, SNI relay.test) ──┘
 //!          sprint-sidecar: runtime.worker_threads 1
 //!  reference: the load generator speaks TLS to the relay itself (no proxy)
@@ -24,15 +24,25 @@
 //!
 //! Fairness: each proxy gets exactly one core (`taskset -c 0`: nginx with one worker
 //! process, the sidecar with one tokio worker thread); the load generator and the relay share
-//! the other core, so they are the same for both proxies. The relay is nginx by default
-//! because a production relay is an efficient h2 server: the in-process relay (rustls +
-//! hyper, one runtime with the load generator) costs the load core about twice as much and
-//! saturates it, so its figures measure the load core's queue more than the proxies (run
-//! `LOAD_RELAY=support` to see them). Both proxies add the same
+//! the other core, so they are the same for both proxies. Both proxies add the same
 //! `Authorization` header, verify the relay certificate, offer TLS 1.3 and resume sessions;
 //! nginx gets `keepalive_requests 100000` (client and upstream side) so it never closes a
 //! connection the sidecar would keep. nginx runs with `keepalive 16` (as specified) and
 //! `keepalive 64` (= the client count: no upstream connection churn, its best case).
+//!
+//! The load core is the scarce one: the load generator and the relay must not cost it more
+//! than the proxy costs its own core, or the figures measure the load core. So the load
+//! generator is lean: its own HTTP/1.1 client ([`wire`]: prepared request bytes, one reused
+//! buffer, httparse) on one thread (`current_thread` runtime) that it shares with the test
+//! relay, pinned or not. hyper's client on a work-stealing runtime (`LOAD_CLIENT=hyper`)
+//! cost that core about a third more per request and saturated it. Even so the load core
+//! stays near its limit, and what a proxy's traffic costs the relay there shows in the
+//! throughput: the test relay (hyper) serves the sidecar's multiplexed h2 for less than
+//! nginx's 64 HTTP/1.1 connections; an nginx relay (`LOAD_RELAY=nginx`, a separate process
+//! on the load core) serves h2 for more (it writes each answer's HEADERS and DATA
+//! separately), and there the kernel's scheduler, arbitrating the load core between the
+//! load generator and the relay process, sets the latency tail (`LOAD_RELAY_NICE` shows
+//! how much). The `gen/10k` and `rly/10k` columns show the load core's share per request.
 //!
 //! Run: `cargo bench --bench load` (builds `target/release/sprint-sidecar` first). Plain
 //! `cargo test`/`cargo nextest run` never run it: bench targets are not test targets, and
@@ -57,8 +67,11 @@
 //! everything), `NGINX` (default `/usr/sbin/nginx`), `SIDECAR_BIN` (must be the binary Cargo
 //! built for this bench), `LOAD_STEAL_LIMIT` (2: a healthy window in which the hypervisor stole
 //! more than this percentage of either core, `/proc/stat` steal, is measured again, at most
-//! `LOAD_STEAL_RETRIES` (3) times, keeping the least disturbed), `LOAD_RELAY` (`nginx`, the default, or `support`: the relay of the
-//! healthy scenarios).
+//! `LOAD_STEAL_RETRIES` (3) times, keeping the least disturbed), `LOAD_RELAY` (`support`, the
+//! default: the test relay; or `nginx`: Debian's nginx as the relay of the healthy
+//! scenarios, one worker on the load core), `LOAD_RELAY_NICE` (0: the nginx relay's
+//! `worker_priority`), `LOAD_CLIENT` (`wire`, the default, or `hyper`: the load generator's
+//! HTTP/1.1 client).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -131,6 +144,8 @@ struct Settings {
     alt_envs: Vec<Vec<(String, String)>>,
     /// `LOAD_CLIENT`: the load generator's HTTP/1.1 client.
     client: ClientKind,
+    /// `LOAD_RELAY_NICE`: the nginx relay's `worker_priority`.
+    relay_nice: i32,
 }
 
 /// The HTTP/1.1 client of the load generator (`LOAD_CLIENT`).
@@ -257,6 +272,7 @@ impl Settings {
             alt_envs,
             steal_limit: env_or("LOAD_STEAL_LIMIT", 2.0)? / 100.0,
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
+            relay_nice: env_or("LOAD_RELAY_NICE", 0)?,
             client: match env_or("LOAD_CLIENT", "wire".to_owned())?.as_str() {
                 "wire" => ClientKind::Wire,
                 "hyper" => ClientKind::Hyper,
@@ -266,7 +282,7 @@ impl Settings {
                     ));
                 }
             },
-            relay: match env_or("LOAD_RELAY", "nginx".to_owned())?.as_str() {
+            relay: match env_or("LOAD_RELAY", "support".to_owned())?.as_str() {
                 "nginx" => RelayChoice::Nginx,
                 "support" => RelayChoice::Support,
                 other => {
@@ -295,6 +311,9 @@ impl Settings {
         }
         if settings.clients == 0 {
             return Err("LOAD_CLIENTS must be at least 1".to_owned());
+        }
+        if !(-20..=19).contains(&settings.relay_nice) {
+            return Err("LOAD_RELAY_NICE must be within -20..19".to_owned());
         }
         Ok(settings)
     }
@@ -1052,12 +1071,12 @@ impl Upstream {
 /// Which relay answers in the healthy scenarios (`LOAD_RELAY`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum RelayChoice {
-    /// The in-process relay of `tests/support` (rustls + hyper), on the load core.
+    /// The test relay: the in-process relay of `tests/support` (rustls + hyper), on the
+    /// load generator's thread. The default, as the issue names it.
     Support,
     /// Debian's nginx as the relay (TLS, ALPN h2 and http/1.1, a fixed JSON answer), one
-    /// worker process on the load core: it costs that core far less than the in-process
-    /// relay, so the load generator is less of a bottleneck and the figures say more about
-    /// the proxies.
+    /// worker process on the load core: a production-grade h2 server, which serves h2 for
+    /// more CPU than HTTP/1.1 (module docs).
     Nginx,
 }
 
@@ -1085,6 +1104,7 @@ impl NginxRelay {
         support::pki::write_private(&key, identity.key_pem.as_bytes());
         let config = format!(
             r#"# Written by benches/load.rs: nginx as the relay, one worker on the load core.
+worker_priority {priority};
 {preamble}
     keepalive_requests 10000000;
     keepalive_timeout 300s;
@@ -1105,6 +1125,7 @@ impl NginxRelay {
             preamble = nginx_preamble(dir.path()),
             cert = cert.display(),
             key = key.display(),
+            priority = settings.relay_nice,
         );
         let path = dir.path().join("relay.conf");
         std::fs::write(&path, config).map_err(|error| error.to_string())?;
@@ -1553,8 +1574,10 @@ fn main() -> ExitCode {
         pin: pinned,
         ..settings
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if pinned { 1 } else { cores })
+    // One thread runs the load generator and the in-process relay, pinned or not: no
+    // work-stealing scheduler to pay for (it cost them a fifth more CPU per request and, not
+    // pinned, let them crowd the proxy's core from two threads).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
@@ -1950,8 +1973,11 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         "  relay: {} (ALPN h2,http/1.1: the sidecar negotiates h2 on pool.size 4, nginx speaks \
          HTTP/1.1); slow scenarios: the in-process relay (per-connection delays)",
         match settings.relay {
-            RelayChoice::Nginx => "healthy scenarios: nginx, one worker on the load core",
-            RelayChoice::Support => "healthy scenarios: in-process rustls + hyper",
+            RelayChoice::Nginx =>
+                "healthy scenarios: nginx, one worker on the load core (LOAD_RELAY=nginx)",
+            RelayChoice::Support =>
+                "healthy scenarios: the test relay, in-process rustls + hyper on the load \
+                 generator's thread",
         }
     );
     println!("  load generator client: {}", settings.client.describe());
