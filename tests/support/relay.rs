@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -242,6 +242,7 @@ impl RelayBuilder {
             fault: Mutex::new(Fault::None),
             connection_faults: Mutex::new(HashMap::new()),
             records: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(true),
             next_connection_id: AtomicU64::new(1),
             tcp_accepted: AtomicU64::new(0),
             tls_accepted: AtomicU64::new(0),
@@ -418,6 +419,12 @@ impl Relay {
         lock(&self.inner.records).clear();
     }
 
+    /// Turns the recording of requests off (or on again): a load run sends millions, and
+    /// keeping, then forgetting them would cost the relay's thread time and stall it.
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::SeqCst);
+    }
+
     /// TCP connections accepted (including those closed by [`Fault::AcceptThenClose`]).
     pub fn tcp_accepted(&self) -> u64 {
         self.inner.tcp_accepted.load(Ordering::SeqCst)
@@ -508,6 +515,8 @@ struct Inner {
     fault: Mutex<Fault>,
     connection_faults: Mutex<HashMap<u64, Fault>>,
     records: Mutex<Vec<Recorded>>,
+    /// Whether requests are recorded ([`Relay::set_recording`]).
+    recording: AtomicBool,
     next_connection_id: AtomicU64,
     tcp_accepted: AtomicU64,
     tls_accepted: AtomicU64,
@@ -568,7 +577,12 @@ impl Inner {
         true
     }
 
+    /// Records the request, returning its index (`usize::MAX`, matching no record, while
+    /// recording is off).
     fn record(&self, connection_id: u64, request: &Request<Incoming>) -> usize {
+        if !self.recording.load(Ordering::Relaxed) {
+            return usize::MAX;
+        }
         let uri = request.uri();
         let target = uri
             .path_and_query()
@@ -605,6 +619,9 @@ impl Inner {
     }
 
     fn record_body_chunk(&self, index: usize, chunk: &[u8]) {
+        if index == usize::MAX {
+            return;
+        }
         let mut records = lock(&self.records);
         // `clear_requests` may have emptied the list meanwhile.
         if let Some(record) = records.get_mut(index) {
@@ -619,6 +636,9 @@ impl Inner {
     }
 
     fn record_body_complete(&self, index: usize) {
+        if index == usize::MAX {
+            return;
+        }
         if let Some(record) = lock(&self.records).get_mut(index) {
             record.body_complete = true;
         }
