@@ -78,6 +78,12 @@ pub async fn serve(
 ) {
     let cfg = plane.cfg.clone();
     let limit = Arc::new(Semaphore::new(cfg.listener.max_connections.get()));
+    // What hyper and h2 hold of a request head before refusing it themselves.
+    let head_room = cfg
+        .listener
+        .max_header_bytes
+        .saturating_mul(4)
+        .clamp(8192, 1 << 20);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -89,12 +95,7 @@ pub async fn serve(
         .header_read_timeout(None)
         // Room above the limit so the handler, not hyper, sees most oversized heads and can
         // answer 431 with a JSON body; heads beyond even this get hyper's bare 431.
-        .max_buf_size(
-            cfg.listener
-                .max_header_bytes
-                .saturating_mul(4)
-                .clamp(8192, 1 << 20),
-        )
+        .max_buf_size(head_room)
         .keep_alive(true)
         // No read while a request is in flight. Without this, hyper reads mid-message to
         // detect a client's EOF, and before that read it reserves a fresh 8 KiB buffer,
@@ -107,7 +108,8 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(cfg.listener.max_header_bytes.min(u32::MAX as usize) as u32)
+        // The same room over h2c: h2 itself answers a bare 431 only beyond it.
+        .max_header_list_size(head_room.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(1024);
     let mut stop = shutdown.clone();
     loop {

@@ -746,6 +746,58 @@ async fn a_repeated_h2c_content_length_is_sent_once_and_disagreeing_ones_are_ref
     }
 }
 
+/// An h2c head over `listener.max_header_bytes` gets the same JSON 431 as an HTTP/1.1 one
+/// (h2 itself would answer a bare 431 with no body at its own limit), and never reaches the
+/// relay; the connection serves the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_h2c_head_gets_a_json_431_and_the_connection_goes_on() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set("listener", "max_header_bytes", "16384")
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(sidecar.data_addr())
+        .await
+        .expect("the data listener accepts connections");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    let send = |path: &str, filler: usize| {
+        let client = client.clone();
+        let request = http::Request::get(sidecar.data_url(path))
+            .header("x-filler", "f".repeat(filler))
+            .body(())
+            .expect("request");
+        async move {
+            let mut client = client.ready().await.expect("ready for a stream");
+            let (response, _) = client.send_request(request, true).expect("sent");
+            let response = response.await.expect("answered");
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("body chunk");
+                body.flow_control()
+                    .release_capacity(chunk.len())
+                    .expect("capacity released");
+                bytes.extend_from_slice(&chunk);
+            }
+            (status, bytes)
+        }
+    };
+    for filler in [20 * 1024, 40 * 1024] {
+        let (status, body) = send("/h2c-big", filler).await;
+        assert_eq!(status, 431, "{filler}: {}", String::from_utf8_lossy(&body));
+        let (error, detail) = assert_json_error(431, &body);
+        assert_eq!(error, "headers_too_large");
+        assert!(
+            detail.contains("listener.max_header_bytes (16384)"),
+            "{detail}"
+        );
+    }
+    assert_eq!(relay.count_path("/h2c-big"), 0);
+    let (status, _) = send("/h2c-small", 1024).await;
+    assert_eq!(status, 200, "the connection serves the next request");
+}
+
 /// A real HTTP/2 client that stays idle past `idle_timeout` is sent GOAWAY (NO_ERROR): its
 /// connection ends cleanly and it knows why, rather than meeting a bare TCP close.
 #[tokio::test(flavor = "multi_thread")]
