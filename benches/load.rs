@@ -178,6 +178,22 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T, String> {
     }
 }
 
+/// The value of the choice the environment names (`key`), or of `default`'s.
+fn env_choice<T: Copy>(key: &str, default: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    let name = env_or(key, default.to_owned())?;
+    choices
+        .iter()
+        .find(|(choice, _)| *choice == name)
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices
+                .iter()
+                .map(|(choice, _)| format!("{choice:?}"))
+                .collect();
+            format!("{key}: {name:?} is not one of {}", names.join(", "))
+        })
+}
+
 /// A comma-separated list from the environment, or `default`.
 fn env_list(key: &str, default: &str) -> Vec<String> {
     std::env::var(key)
@@ -273,24 +289,19 @@ impl Settings {
             steal_limit: env_or("LOAD_STEAL_LIMIT", 2.0)? / 100.0,
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
             relay_nice: env_or("LOAD_RELAY_NICE", 0)?,
-            client: match env_or("LOAD_CLIENT", "wire".to_owned())?.as_str() {
-                "wire" => ClientKind::Wire,
-                "hyper" => ClientKind::Hyper,
-                other => {
-                    return Err(format!(
-                        "LOAD_CLIENT: {other:?} is neither \"wire\" nor \"hyper\""
-                    ));
-                }
-            },
-            relay: match env_or("LOAD_RELAY", "support".to_owned())?.as_str() {
-                "nginx" => RelayChoice::Nginx,
-                "support" => RelayChoice::Support,
-                other => {
-                    return Err(format!(
-                        "LOAD_RELAY: {other:?} is neither \"nginx\" nor \"support\""
-                    ));
-                }
-            },
+            client: env_choice(
+                "LOAD_CLIENT",
+                "wire",
+                &[("wire", ClientKind::Wire), ("hyper", ClientKind::Hyper)],
+            )?,
+            relay: env_choice(
+                "LOAD_RELAY",
+                "support",
+                &[
+                    ("support", RelayChoice::Support),
+                    ("nginx", RelayChoice::Nginx),
+                ],
+            )?,
         };
         let durations = [
             settings.seconds,
