@@ -34,15 +34,16 @@
 //! than the proxy costs its own core, or the figures measure the load core. So the load
 //! generator is lean: its own HTTP/1.1 client ([`wire`]: prepared request bytes, one reused
 //! buffer, httparse) on one thread (`current_thread` runtime) that it shares with the test
-//! relay, pinned or not. hyper's client on a work-stealing runtime (`LOAD_CLIENT=hyper`)
-//! cost that core about a third more per request and saturated it. Even so the load core
-//! stays near its limit, and what a proxy's traffic costs the relay there shows in the
-//! throughput: the test relay (hyper) serves the sidecar's multiplexed h2 for less than
-//! nginx's 64 HTTP/1.1 connections; an nginx relay (`LOAD_RELAY=nginx`, a separate process
-//! on the load core) serves h2 for more (it writes each answer's HEADERS and DATA
-//! separately), and there the kernel's scheduler, arbitrating the load core between the
-//! load generator and the relay process, sets the latency tail (`LOAD_RELAY_NICE` shows
-//! how much). The `gen/10k` and `rly/10k` columns show the load core's share per request.
+//! relay, pinned or not. hyper's client (`LOAD_CLIENT=hyper`) costs that core a quarter to
+//! a third more per request; on the work-stealing runtime the harness used before, it
+//! saturated that core. Even so the load core stays near its limit, and what a proxy's
+//! traffic costs the relay there shows in the throughput: the test relay (hyper) serves the
+//! sidecar's multiplexed h2 for less than nginx's 64 HTTP/1.1 connections; an nginx relay
+//! (`LOAD_RELAY=nginx`, a separate process on the load core) serves h2 for more (it writes
+//! each answer's HEADERS and DATA separately), and there the kernel's scheduler,
+//! arbitrating the load core between the load generator and the relay process, sets the
+//! latency tail (`LOAD_RELAY_NICE` shows how much). The `gen/10k` and `rly/10k` columns
+//! show the load core's share per request.
 //!
 //! Run: `cargo bench --bench load` (builds `target/release/sprint-sidecar` first). Plain
 //! `cargo test`/`cargo nextest run` never run it: bench targets are not test targets, and
