@@ -507,6 +507,10 @@ impl Drop for Relay {
 
 // ---- internals ----
 
+/// The index [`Inner::record`] returns for a request it did not record: it matches no record,
+/// so the body of such a request is not kept either.
+const NOT_RECORDED: usize = usize::MAX;
+
 struct Inner {
     protocol: Proto,
     max_concurrent_streams: Option<u32>,
@@ -577,11 +581,10 @@ impl Inner {
         true
     }
 
-    /// Records the request, returning its index (`usize::MAX`, matching no record, while
-    /// recording is off).
+    /// Records the request, returning its index ([`NOT_RECORDED`] while recording is off).
     fn record(&self, connection_id: u64, request: &Request<Incoming>) -> usize {
         if !self.recording.load(Ordering::Relaxed) {
-            return usize::MAX;
+            return NOT_RECORDED;
         }
         let uri = request.uri();
         let target = uri
@@ -619,7 +622,7 @@ impl Inner {
     }
 
     fn record_body_chunk(&self, index: usize, chunk: &[u8]) {
-        if index == usize::MAX {
+        if index == NOT_RECORDED {
             return;
         }
         let mut records = lock(&self.records);
@@ -636,7 +639,7 @@ impl Inner {
     }
 
     fn record_body_complete(&self, index: usize) {
-        if index == usize::MAX {
+        if index == NOT_RECORDED {
             return;
         }
         if let Some(record) = lock(&self.records).get_mut(index) {
