@@ -411,6 +411,30 @@ fn io_syscalls(pid: u32) -> Option<u64> {
     Some(field("syscr:")? + field("syscw:")?)
 }
 
+/// Voluntary context switches (the thread went to sleep waiting for work) of every thread of
+/// process `pid` so far (`/proc/PID/task/*/status`).
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .sum()
+}
+
+fn tree_sleeps(pid: u32) -> u64 {
+    process_tree(pid).into_iter().map(sleeps).sum()
+}
+
 fn tree_io_syscalls(pid: u32) -> u64 {
     process_tree(pid).into_iter().filter_map(io_syscalls).sum()
 }
@@ -703,6 +727,9 @@ struct Measured {
     relay_handshakes: Option<u64>,
     /// Read and write system calls of the proxy during the window.
     proxy_io_syscalls: Option<u64>,
+    /// Times the proxy's threads, and this process's, went to sleep for want of work.
+    proxy_sleeps: Option<u64>,
+    generator_sleeps: u64,
     slow: Option<SlowView>,
 }
 
@@ -756,6 +783,9 @@ impl Measured {
                 .sum::<Option<u64>>(),
             proxy_io_syscalls: all(&|m| m.proxy_io_syscalls.map(|n| n as f64))
                 .map(|counts| counts.iter().sum::<f64>() as u64),
+            proxy_sleeps: all(&|m| m.proxy_sleeps.map(|n| n as f64))
+                .map(|counts| counts.iter().sum::<f64>() as u64),
+            generator_sleeps: rounds.iter().map(|m| m.generator_sleeps).sum(),
             steal: rounds
                 .iter()
                 .map(|m| m.steal * m.window_seconds)
@@ -911,6 +941,8 @@ async fn measure(
     let window_start = Instant::now();
     let proxy_before = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_before = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
+    let sleeps_before = proxy.map(|proxy| tree_sleeps(proxy.pid));
+    let generator_sleeps_before = sleeps(std::process::id());
     // The load core's work: this process, and the nginx relay when it answers.
     let generator_ticks = || cpu_ticks(std::process::id()).unwrap_or(0);
     let relay_ticks = || relay_process.map(tree_ticks);
@@ -923,6 +955,8 @@ async fn measure(
     let window_seconds = window_start.elapsed().as_secs_f64();
     let proxy_after = proxy.map(|proxy| tree_ticks(proxy.pid));
     let io_after = proxy.map(|proxy| tree_io_syscalls(proxy.pid));
+    let sleeps_after = proxy.map(|proxy| tree_sleeps(proxy.pid));
+    let generator_sleeps_after = sleeps(std::process::id());
     let generator_after = generator_ticks();
     let relay_after = relay_ticks();
     let steal_after = steal_ticks();
@@ -983,6 +1017,10 @@ async fn measure(
         proxy_io_syscalls: io_before
             .zip(io_after)
             .map(|(before, after)| after.saturating_sub(before)),
+        proxy_sleeps: sleeps_before
+            .zip(sleeps_after)
+            .map(|(before, after)| after.saturating_sub(before)),
+        generator_sleeps: generator_sleeps_after.saturating_sub(generator_sleeps_before),
         slow: slow.map(|set| SlowView {
             slow_open_at_end,
             ..slow_view(&samples, &window, set)
@@ -1440,7 +1478,7 @@ fn ejections(sidecar: &Sidecar) -> usize {
 
 fn print_table(results: &[Measured]) {
     println!(
-        "\n{:<44} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>5} {:>8} {:>5} {:>7} {:>7} {:>6} {:>6} {:>5}",
+        "\n{:<44} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>5} {:>8} {:>5} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>5}",
         "scenario",
         "req/s",
         "p50 ms",
@@ -1455,6 +1493,8 @@ fn print_table(results: &[Measured]) {
         "rly/10k",
         "TLS hs",
         "sc/req",
+        "px/slp",
+        "ld/slp",
         "steal",
     );
     for m in results {
@@ -1467,11 +1507,13 @@ fn print_table(results: &[Measured]) {
         let syscalls = m.proxy_io_syscalls.map_or("-".to_owned(), |count| {
             format!("{:.2}", count as f64 / m.requests.max(1) as f64)
         });
+        let per_sleep = |sleeps: u64| format!("{:.1}", m.requests as f64 / sleeps.max(1) as f64);
+        let proxy_per_sleep = m.proxy_sleeps.map_or("-".to_owned(), per_sleep);
         let rss = m.peak_rss_kib.map_or("-".to_owned(), |kib| {
             format!("{:.1}MiB", kib as f64 / 1024.0)
         });
         println!(
-            "{:<44} {:>7.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>9} {:>5} {:>8} {:>4.0}% {:>7.3} {:>7} {:>6} {:>6} {:>4.1}%",
+            "{:<44} {:>7.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>9} {:>5} {:>8} {:>4.0}% {:>7.3} {:>7} {:>6} {:>6} {:>6} {:>6} {:>4.1}%",
             m.name,
             m.rps,
             m.p50_ms,
@@ -1488,6 +1530,8 @@ fn print_table(results: &[Measured]) {
             m.relay_handshakes
                 .map_or("-".to_owned(), |count| count.to_string()),
             syscalls,
+            proxy_per_sleep,
+            per_sleep(m.generator_sleeps),
             m.steal * 100.0,
         );
     }
@@ -2101,7 +2145,8 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
          core; gen/10k and rly/10k = the load core's CPU s/10k split: the load generator \
          (with the in-process relay when that one answers) and the nginx relay; TLS hs = handshakes the relay completed during the window; sc/req = the \
          proxy's read+write system calls (/proc/PID/io syscr+syscw) per answered request; \
-         steal = time the hypervisor took from the busier core (/proc/stat)"
+         px/slp and ld/slp = answered requests per time the proxy's threads (ld: this process's) \
+         went to sleep waiting for work (voluntary context switches); steal = time the hypervisor took from the busier core (/proc/stat)"
     );
     Ok(())
 }
