@@ -319,14 +319,7 @@ pub async fn run(
     metrics.set_nice(nice);
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
-    let cores = crate::event_loops::available_cores();
-    if crate::busy_poll::stands_down_at(nice) && !cfg.runtime.busy_poll.is_zero() {
-        info!(
-            nice,
-            "busy polling stands down: the sidecar runs at a raised priority"
-        );
-    }
-    for index in 0..crate::busy_poll::spinning_loops(loops.len(), cores, nice) {
+    for index in 0..loops.len() {
         loops.spawn_on(
             index,
             crate::busy_poll::run(

@@ -1,259 +1,419 @@
-//! Busy polling (`runtime.busy_poll`): under load, an event loop that runs out of work keeps
-//! polling its sockets for a short while before it sleeps, because the next request or relay
-//! answer is then microseconds away.
+//! Busy polling (`runtime.busy_poll`): while an event loop under load sleeps for its next
+//! event, a spinner thread in the idle scheduling class keeps the loop's core awake, so the
+//! event that ends the sleep finds a running core instead of a halted one.
 //!
-//! Sleeping is not free. A loop that sleeps in `epoll_wait` leaves its core idle, and whoever
-//! sends it the next byte (an application, the relay) pays for waking it: the scheduler's
-//! wake-up and, when the core had halted, an interrupt to another core (a virtual machine
-//! exit on a hypervisor). The loop then pays the switch back in. Under load that happens
-//! thousands of times a second, and while the loop sleeps, the scheduler fills its core with
-//! other threads that it must then wait behind. Polling instead of sleeping for the gap
-//! between two events costs less than that when the gap is short, and nothing at all when
-//! it is spent on other tasks.
+//! Sleeping is not free. A loop that sleeps in `epoll_wait` may leave its core with nothing
+//! to run, and on a virtual machine such a core halts: the hypervisor takes the physical core
+//! back, and the next byte for the loop (from an application or the relay) must first get
+//! the hypervisor to schedule the virtual core again; the loop then resumes on cold caches.
+//! Under load a loop sleeps a thousand times a second or more, for gaps of tens to hundreds
+//! of microseconds, and when the host is busy those wake-ups decide the throughput. Measured
+//! on a 2-core VM with one core per proxy (README, Performance): 50 000–58 000 requests a
+//! second while the sidecar's core halted, 78 000–80 000 with it kept awake; nginx, which
+//! sleeps for shorter gaps, lost little either way.
 //!
-//! So the loop spins only when it pays:
+//! The spinner takes nothing from anyone. In the idle class (`SCHED_IDLE`) it runs only when
+//! no other thread wants the core, and any thread that wakes there (the loop itself, an
+//! application, the relay) takes the core at once. So it needs no spare core and no
+//! particular priority. Its CPU time is the sidecar's, and counts in every figure of it.
 //!
-//! * Only while at least [`MIN_IN_FLIGHT`] of its requests wait for the relay's answer
-//!   ([`InFlight`]): then answers are due any moment. A sidecar serving a few clients, or
-//!   one client request after request, never spins (its loop would burn a core to save
-//!   microseconds).
-//! * A spin ends after `busy_poll` with no request starting or answered; the loop then sleeps.
-//! * Spins that end that way are lost time; once they add up to [`MAX_MISSED_SHARE`] of a
-//!   second, the loop stops spinning until the second is over. A relay that stalls with many
-//!   requests in flight thus costs at most a few percent of a core in spinning.
+//! It spins only while that pays:
 //!
-//! Busy polling never takes the last core: of `loops` event loops on `cores` cores, only the
-//! first `cores - 1` spin ([`spinning_loops`]). On one core a spinning loop would hold the
-//! core its application and everything else in the pod need; with a loop on every core,
-//! the spinning loops would crowd out everyone else.
+//! * only while the loop sleeps with at least [`MIN_IN_FLIGHT`] requests waiting for the
+//!   relay's answers (the loop tells as it goes to sleep, [`before_park`]): answers are due
+//!   any moment. A sidecar serving a few clients, or one client request after request,
+//!   never spins;
+//! * a spin lasts until the loop wakes, or at most one [`Window`]: the window adapts like a
+//!   hypervisor's halt polling, doubling (up to `busy_poll`) when the loop woke soon after
+//!   the window ran out, halving when it slept longer than `busy_poll` anyway;
+//! * spins that run their window out are lost time; once they add up to
+//!   [`MAX_MISSED_SHARE`] of a second, the spinner rests until the second is over. A relay
+//!   that stalls with many requests in flight thus costs at most that share of a core.
 //!
-//! Busy polling also stands down while the sidecar runs at a raised scheduling priority
-//! (`runtime.nice` below 0 in effect). Both answer the same problem, a loop that loses its
-//! core to the clients it wakes, and a loop that spins at a higher priority than those
-//! clients takes its spins from them: measured with the priority raised, spinning brought
-//! no throughput and 22–23% more p99 latency (README, Performance).
-//!
-//! One spinning task per event loop ([`run`]): it yields to the loop's scheduler, which then
-//! polls the sockets without blocking (`epoll_wait` with a zero timeout) and runs whatever
-//! became ready before it comes back to the spinner. It never delays other tasks.
+//! The spinner follows its loop: its affinity is the core the loop last went to sleep on,
+//! and while the loop runs it waits behind it there.
 //!
 //! ```text
-//!  8th request in flight ─▶ spin: yield, poll sockets, yield ... ─┬─ busy_poll without a
-//!        ▲                                                        │  request or answer
-//!        │                                                        ├─ fewer than 8 in flight
-//!        └──────────────────────── sleep ◀────────────────────────┘
+//!  loop:     run ─ sleep (8+ in flight) ─────── wake ─ run ─ sleep ─ ...
+//!  spinner:  wait ─ spin (the core stays up) ── yield ─ wait ─ spin ─ ...
+//!                   └─ window out, no wake-up: the spinner sleeps until the next sleep
 //! ```
-//!
-//! Measured (README, Performance): with 64 clients on a 2-core VM shared with the load and
-//! the relay, 9–12% more requests per second at 6–14% less CPU per request while the machine
-//! was slow (wake-ups expensive); 1–3% fewer at 2–3% more CPU while it was fast. With a
-//! core to itself (pinned), no difference.
 
-use std::cell::Cell;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::secret::sys;
 
-/// The window over which lost spinning is counted.
-const WINDOW: Duration = Duration::from_secs(1);
-
-/// The most of each second ([`Policy`]'s window) that spins ending without new activity may
-/// take: 2%.
-pub const MAX_MISSED_SHARE: Duration = Duration::from_millis(20);
-
-/// Requests of a loop waiting for their answers from which the loop spins: with fewer, the
-/// next event is rarely close enough to be worth a core's time.
+/// Requests of a loop waiting for their answers from which its sleeps are spun through:
+/// with fewer, the next event is rarely close enough to be worth a core's time.
 pub const MIN_IN_FLIGHT: u32 = 8;
 
-/// How many of `loops` event loops may busy-poll on `cores` cores with the process at nice
-/// value `nice`: at most one core fewer than there are, and none at a raised priority
-/// (module documentation).
-pub fn spinning_loops(loops: usize, cores: usize, nice: i32) -> usize {
-    if stands_down_at(nice) {
-        return 0;
-    }
-    loops.min(cores.saturating_sub(1))
-}
+/// The most of each second ([`Window`]'s cap) that spins running their window out may
+/// take: 10%.
+pub const MAX_MISSED_SHARE: Duration = Duration::from_millis(100);
 
-/// Whether busy polling stands down with the process at nice value `nice`: at a raised
-/// priority (module documentation).
-pub fn stands_down_at(nice: i32) -> bool {
-    nice < 0
-}
+/// The window a spinner starts with, and the shortest it shrinks to.
+pub const FIRST_WINDOW: Duration = Duration::from_micros(50);
+pub const SHORTEST_WINDOW: Duration = Duration::from_micros(20);
 
-/// When to spin: the pure part of the decision (module documentation).
+/// The period over which lost spinning is capped.
+const CAP_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long the spinner waits behind a running loop before it sleeps: only a loop that moved
+/// to another core keeps it waiting that long, and it must not spin there.
+const RUNNING_LIMIT: Duration = Duration::from_millis(2);
+
+// ---- the spin window (pure) -----------------------------------------------------------------
+
+/// How long a spin may last, adapted to the loop's sleeps, and the cap on lost spinning.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub struct Window {
+    /// `runtime.busy_poll`: the longest window.
     budget: Duration,
-    window_start: Instant,
+    current: Duration,
+    period_start: Instant,
     missed: Duration,
 }
 
-impl Policy {
-    /// Spins last up to `budget` of no activity; a zero budget never spins.
+impl Window {
+    /// Windows up to `budget`; a zero budget never spins.
     pub fn new(budget: Duration, now: Instant) -> Self {
-        Policy {
+        Window {
             budget,
-            window_start: now,
+            current: FIRST_WINDOW.min(budget),
+            period_start: now,
             missed: Duration::ZERO,
         }
     }
 
-    /// Whether to spin now, with `in_flight` requests of the loop waiting for answers.
-    pub fn should_spin(&mut self, now: Instant, in_flight: u32) -> bool {
-        self.roll(now);
-        !self.budget.is_zero() && in_flight >= MIN_IN_FLIGHT && self.missed < MAX_MISSED_SHARE
+    /// How long the next spin may last.
+    pub fn current(&self) -> Duration {
+        self.current
     }
 
-    /// A spin ended at `now` with `lost` of it spent waiting for activity that never came.
+    /// Whether a spin may go on (or start) at `now`: not with a zero budget, nor over the cap.
+    pub fn may_spin(&mut self, now: Instant) -> bool {
+        self.roll(now);
+        !self.budget.is_zero() && self.missed < MAX_MISSED_SHARE
+    }
+
+    /// A spin ran its window out at `now`, `lost` spent without the loop waking.
     pub fn missed(&mut self, now: Instant, lost: Duration) {
         self.roll(now);
         self.missed += lost;
     }
 
-    /// How long until the current window ends.
-    pub fn until_next_window(&self, now: Instant) -> Duration {
-        (self.window_start + WINDOW).saturating_duration_since(now)
+    /// After a spin ran its window out, the loop's sleep turned out to last `slept` in all:
+    /// within `busy_poll`, a longer window would have caught it, so the window doubles;
+    /// longer, spinning could not have, so it halves.
+    pub fn settle(&mut self, slept: Duration) {
+        self.current = if slept <= self.budget {
+            (self.current * 2).min(self.budget)
+        } else {
+            (self.current / 2).max(SHORTEST_WINDOW.min(self.budget))
+        };
+    }
+
+    /// How long until the cap's period ends.
+    pub fn until_next_period(&self, now: Instant) -> Duration {
+        (self.period_start + CAP_PERIOD).saturating_duration_since(now)
     }
 
     fn roll(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.window_start) >= WINDOW {
-            self.window_start = now;
+        if now.saturating_duration_since(self.period_start) >= CAP_PERIOD {
+            self.period_start = now;
             self.missed = Duration::ZERO;
         }
     }
 }
 
-/// The activity of this thread's event loop.
-struct Activity {
-    /// Requests started and answered so far.
-    events: Cell<u64>,
-    /// Requests waiting for their answers.
-    in_flight: Cell<u32>,
-    /// The spinner, while it sleeps.
-    sleeper: Cell<Option<Waker>>,
+/// What the loop is doing (the low two bits of [`Shared::state`]; the rest counts changes,
+/// so the spinner sees each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopState {
+    Running,
+    /// Asleep with [`MIN_IN_FLIGHT`] or more requests waiting for answers.
+    AsleepBusy,
+    /// Asleep with fewer.
+    AsleepIdle,
 }
 
-thread_local! {
-    static ACTIVITY: Activity = const {
-        Activity {
-            events: Cell::new(0),
-            in_flight: Cell::new(0),
-            sleeper: Cell::new(None),
+const KIND: u32 = 0b11;
+
+impl LoopState {
+    fn bits(self) -> u32 {
+        match self {
+            LoopState::Running => 0,
+            LoopState::AsleepBusy => 1,
+            LoopState::AsleepIdle => 2,
         }
-    };
+    }
+
+    fn of(word: u32) -> Self {
+        match word & KIND {
+            0 => LoopState::Running,
+            1 => LoopState::AsleepBusy,
+            _ => LoopState::AsleepIdle,
+        }
+    }
+}
+
+/// The spinner's next move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Keep spinning (or waiting behind the running loop).
+    Spin,
+    /// The window ran out with the loop still asleep, this long spun: sleep.
+    Missed(Duration),
+    /// Sleep until the loop next sleeps under load.
+    Sleep,
+    /// Over the cap: rest this long.
+    Rest(Duration),
+}
+
+/// The spinner's next move with the loop in `state` since `since` (when the spinner saw
+/// it change).
+pub fn next_step(state: LoopState, since: Instant, now: Instant, window: &mut Window) -> Step {
+    let elapsed = now.saturating_duration_since(since);
+    match state {
+        LoopState::AsleepBusy if !window.may_spin(now) => Step::Rest(window.until_next_period(now)),
+        LoopState::AsleepBusy if elapsed >= window.current() => {
+            window.missed(now, elapsed);
+            Step::Missed(elapsed)
+        }
+        LoopState::AsleepBusy => Step::Spin,
+        LoopState::Running if elapsed < RUNNING_LIMIT => Step::Spin,
+        LoopState::Running | LoopState::AsleepIdle => Step::Sleep,
+    }
+}
+
+// ---- requests in flight ---------------------------------------------------------------------
+
+thread_local! {
+    /// Requests of this thread's loop waiting for their answers.
+    static IN_FLIGHT: Cell<u32> = const { Cell::new(0) };
 }
 
 /// A request of this thread's loop waiting for its answer, from [`InFlight::start`] until
-/// dropped (answered, failed or given up). A few thread-local accesses each way.
+/// dropped (answered, failed or given up). A thread-local count each way.
 #[derive(Debug)]
 #[must_use = "the request counts as answered when the guard drops"]
 pub struct InFlight(());
 
 impl InFlight {
-    /// Counts a request as started; wakes the loop's spinner once enough are in flight.
+    /// Counts a request as started.
     pub fn start() -> InFlight {
-        ACTIVITY.with(|a| {
-            a.events.set(a.events.get().wrapping_add(1));
-            let n = a.in_flight.get().saturating_add(1);
-            a.in_flight.set(n);
-            if n >= MIN_IN_FLIGHT
-                && let Some(waker) = a.sleeper.take()
-            {
-                waker.wake();
-            }
-        });
+        IN_FLIGHT.with(|n| n.set(n.get().saturating_add(1)));
         InFlight(())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        ACTIVITY.with(|a| {
-            a.events.set(a.events.get().wrapping_add(1));
-            a.in_flight.set(a.in_flight.get().saturating_sub(1));
-        });
+        IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
     }
 }
 
-fn events() -> u64 {
-    ACTIVITY.with(|a| a.events.get())
+/// Requests of this thread's loop waiting for their answers.
+pub fn in_flight() -> u32 {
+    IN_FLIGHT.with(Cell::get)
 }
 
-fn in_flight() -> u32 {
-    ACTIVITY.with(|a| a.in_flight.get())
+// ---- the loop's side: runtime hooks ---------------------------------------------------------
+
+/// What a loop and its spinner share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// [`LoopState`] in the low bits, a change count above.
+    state: AtomicU32,
+    /// The core the loop last went to sleep on.
+    cpu: AtomicUsize,
+    /// How long the loop's last finished sleep lasted, in nanoseconds.
+    last_sleep_ns: AtomicU64,
+    /// The spinner sleeps and must be woken for the next spin.
+    spinner_asleep: AtomicBool,
+    stop: AtomicBool,
 }
 
-/// Resolves once enough requests are in flight to spin for.
-struct Busy;
+impl Shared {
+    /// Sets the loop's state (only the loop writes it).
+    fn set(&self, state: LoopState) {
+        let next = (self.state.load(Ordering::Relaxed) & !KIND).wrapping_add(KIND + 1);
+        self.state.store(next | state.bits(), Ordering::SeqCst);
+    }
+}
 
-impl Future for Busy {
-    type Output = ();
+/// The spinner of the loop this thread runs.
+struct Registered {
+    shared: Arc<Shared>,
+    spinner: Thread,
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        ACTIVITY.with(|a| {
-            if a.in_flight.get() >= MIN_IN_FLIGHT {
-                Poll::Ready(())
-            } else {
-                a.sleeper.set(Some(cx.waker().clone()));
-                Poll::Pending
+thread_local! {
+    static REGISTERED: RefCell<Option<Registered>> = const { RefCell::new(None) };
+    /// When this thread's loop went to sleep.
+    static ASLEEP_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The runtime hook run as an event loop goes to sleep (`on_thread_park`): tells its spinner,
+/// and wakes it when the sleep is worth spinning through.
+pub fn before_park() {
+    REGISTERED.with(|r| {
+        let Ok(registered) = r.try_borrow() else {
+            return;
+        };
+        let Some(Registered { shared, spinner }) = registered.as_ref() else {
+            return;
+        };
+        ASLEEP_SINCE.with(|t| t.set(Some(Instant::now())));
+        if in_flight() < MIN_IN_FLIGHT {
+            shared.set(LoopState::AsleepIdle);
+            return;
+        }
+        if let Some(cpu) = sys::current_cpu() {
+            shared.cpu.store(cpu, Ordering::Relaxed);
+        }
+        shared.set(LoopState::AsleepBusy);
+        if shared.spinner_asleep.swap(false, Ordering::SeqCst) {
+            spinner.unpark();
+        }
+    });
+}
+
+/// The runtime hook run as an event loop wakes up (`on_thread_unpark`).
+pub fn after_unpark() {
+    REGISTERED.with(|r| {
+        let Ok(registered) = r.try_borrow() else {
+            return;
+        };
+        if let Some(Registered { shared, .. }) = registered.as_ref() {
+            shared.set(LoopState::Running);
+            if let Some(since) = ASLEEP_SINCE.with(Cell::take) {
+                let slept = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                shared.last_sleep_ns.store(slept, Ordering::Relaxed);
             }
-        })
-    }
+        }
+    });
 }
 
-/// The spinner of the current event loop (spawn one per loop, on that loop). Ends when
-/// `stop` turns true. A zero `budget` returns at once.
+/// A builder of an event loop's runtime (single-threaded), with the hooks of busy polling.
+pub fn loop_runtime() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder
+        .enable_all()
+        .on_thread_park(before_park)
+        .on_thread_unpark(after_unpark);
+    builder
+}
+
+/// Busy-polls for the event loop this task runs on (spawn it there, on a runtime built by
+/// [`loop_runtime`]) until `stop` turns true. A zero `budget` returns at once.
 pub async fn run(budget: Duration, metrics: Metrics, mut stop: watch::Receiver<bool>) {
     if budget.is_zero() {
         return;
     }
-    let mut policy = Policy::new(budget, Instant::now());
-    loop {
-        tokio::select! {
-            biased;
-            () = crate::shutdown::triggered(&mut stop) => return,
-            () = Busy => {}
+    let shared = Arc::new(Shared::default());
+    let started = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("sidecar-spin".to_owned())
+            .spawn(move || spinner(&shared, budget, &metrics))
+    };
+    let thread = match started {
+        Ok(handle) => handle.thread().clone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "busy polling is off: cannot start its thread");
+            return;
         }
-        if policy.should_spin(Instant::now(), in_flight()) {
-            let lost = spin(budget, &stop).await;
-            policy.missed(Instant::now(), lost);
-            metrics.busy_poll_spin(lost);
-        } else {
-            // Over the cap: sleep until the window rolls (or shutdown), then look again.
-            tokio::select! {
-                biased;
-                () = crate::shutdown::triggered(&mut stop) => return,
-                () = tokio::time::sleep(policy.until_next_window(Instant::now())) => {}
-            }
-        }
-    }
+    };
+    REGISTERED.with(|r| {
+        *r.borrow_mut() = Some(Registered {
+            shared: shared.clone(),
+            spinner: thread.clone(),
+        });
+    });
+    crate::shutdown::triggered(&mut stop).await;
+    REGISTERED.with(|r| r.borrow_mut().take());
+    shared.stop.store(true, Ordering::SeqCst);
+    thread.unpark();
 }
 
-/// Yields to the loop until `budget` passes with no request starting or answered, fewer than
-/// [`MIN_IN_FLIGHT`] requests remain in flight, or shutdown; returns the time lost: spun
-/// since the last activity when the budget ran out, else zero.
-async fn spin(budget: Duration, stop: &watch::Receiver<bool>) -> Duration {
-    let mut seen = events();
-    let mut last = Instant::now();
-    loop {
-        tokio::task::yield_now().await;
-        if in_flight() < MIN_IN_FLIGHT || *stop.borrow() {
-            return Duration::ZERO;
+// ---- the spinner thread ---------------------------------------------------------------------
+
+/// The spinner: in the idle class, follows the loop's state (module documentation).
+fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
+    if let Err(e) = sys::set_idle_scheduling() {
+        tracing::warn!(error = %e, "busy polling is off: cannot enter the idle scheduling class");
+        return;
+    }
+    let mut window = Window::new(budget, Instant::now());
+    let mut pinned: Option<usize> = None;
+    let follow = |pinned: &mut Option<usize>| {
+        let cpu = shared.cpu.load(Ordering::Relaxed);
+        if *pinned != Some(cpu) && sys::pin_thread_to(cpu).is_ok() {
+            *pinned = Some(cpu);
         }
+    };
+    let mut seen = shared.state.load(Ordering::SeqCst);
+    let mut since = Instant::now();
+    let mut spinning = false;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let word = shared.state.load(Ordering::SeqCst);
         let now = Instant::now();
-        let current = events();
-        if current != seen {
-            seen = current;
-            last = now;
-        } else if now.saturating_duration_since(last) >= budget {
-            return now.saturating_duration_since(last);
+        if word != seen {
+            if spinning {
+                // The loop woke within the window: a sleep spun through.
+                metrics.busy_poll_spin(Duration::ZERO);
+            }
+            seen = word;
+            since = now;
+            spinning = LoopState::of(word) == LoopState::AsleepBusy;
+            if spinning {
+                follow(&mut pinned);
+            }
+        }
+        let step = next_step(LoopState::of(word), since, now, &mut window);
+        let rest = match step {
+            Step::Spin => {
+                std::hint::spin_loop();
+                continue;
+            }
+            Step::Missed(lost) => {
+                metrics.busy_poll_spin(lost);
+                None
+            }
+            Step::Sleep => None,
+            Step::Rest(period) => Some(period),
+        };
+        let missed = matches!(step, Step::Missed(_));
+        // Announce the sleep, then look once more, so the loop's next sleep under load
+        // cannot pass unseen (it wakes this thread when it sees the announcement).
+        shared.spinner_asleep.store(true, Ordering::SeqCst);
+        if shared.state.load(Ordering::SeqCst) == seen {
+            match rest {
+                Some(period) => std::thread::park_timeout(period),
+                None => std::thread::park(),
+            }
+        }
+        shared.spinner_asleep.store(false, Ordering::SeqCst);
+        if missed {
+            // The sleep that ran the window out has ended by now (the loop slept again
+            // since): it tells whether a longer window would have caught it.
+            window.settle(Duration::from_nanos(
+                shared.last_sleep_ns.load(Ordering::Relaxed),
+            ));
+        }
+        seen = shared.state.load(Ordering::SeqCst);
+        since = Instant::now();
+        spinning = LoopState::of(seen) == LoopState::AsleepBusy;
+        if spinning {
+            follow(&mut pinned);
         }
     }
 }
@@ -262,92 +422,128 @@ async fn spin(budget: Duration, stop: &watch::Receiver<bool>) -> Duration {
 mod tests {
     use super::*;
 
-    const BUDGET: Duration = Duration::from_micros(200);
+    const BUDGET: Duration = Duration::from_millis(1);
 
     #[test]
-    fn spins_only_with_enough_requests_in_flight() {
+    fn a_window_doubles_for_sleeps_it_nearly_caught_and_halves_for_long_ones() {
         let t0 = Instant::now();
-        let mut p = Policy::new(BUDGET, t0);
-        assert!(!p.should_spin(t0, 0));
-        assert!(
-            !p.should_spin(t0, MIN_IN_FLIGHT - 1),
-            "a few clients: no spin"
-        );
-        assert!(p.should_spin(t0, MIN_IN_FLIGHT));
-        assert!(p.should_spin(t0, 64));
-    }
-
-    #[test]
-    fn busy_polling_leaves_a_core_free() {
-        assert_eq!(spinning_loops(1, 1, 0), 0, "one core: no spinning");
-        assert_eq!(spinning_loops(1, 2, 0), 1);
+        let mut w = Window::new(BUDGET, t0);
+        assert_eq!(w.current(), FIRST_WINDOW);
+        w.settle(Duration::from_micros(80));
         assert_eq!(
-            spinning_loops(2, 2, 0),
-            1,
-            "a loop per core: all but one spin"
+            w.current(),
+            FIRST_WINDOW * 2,
+            "a longer window would have caught it"
         );
-        assert_eq!(spinning_loops(4, 16, 0), 4);
-        assert_eq!(spinning_loops(1, 2, 5), 1, "a lowered priority still spins");
-    }
-
-    #[test]
-    fn busy_polling_stands_down_at_a_raised_priority() {
-        assert_eq!(spinning_loops(1, 2, -1), 0);
-        assert_eq!(spinning_loops(4, 16, -5), 0);
+        for _ in 0..10 {
+            w.settle(Duration::from_micros(900));
+        }
+        assert_eq!(w.current(), BUDGET, "never past runtime.busy_poll");
+        w.settle(Duration::from_millis(5));
+        assert_eq!(
+            w.current(),
+            BUDGET / 2,
+            "no window would have caught that one"
+        );
+        for _ in 0..20 {
+            w.settle(Duration::from_millis(5));
+        }
+        assert_eq!(w.current(), SHORTEST_WINDOW);
+        let small = Window::new(Duration::from_micros(10), t0);
+        assert_eq!(
+            small.current(),
+            Duration::from_micros(10),
+            "the budget bounds the first window"
+        );
     }
 
     #[test]
     fn a_zero_budget_never_spins() {
         let t0 = Instant::now();
-        let mut p = Policy::new(Duration::ZERO, t0);
-        assert!(!p.should_spin(t0, 64));
+        let mut w = Window::new(Duration::ZERO, t0);
+        assert!(!w.may_spin(t0));
+        assert_eq!(
+            next_step(LoopState::AsleepBusy, t0, t0, &mut w),
+            Step::Rest(CAP_PERIOD)
+        );
     }
 
     #[test]
-    fn lost_spinning_is_capped_per_window_and_the_cap_resets() {
+    fn lost_spinning_is_capped_per_period_and_the_cap_resets() {
         let t0 = Instant::now();
-        let mut p = Policy::new(BUDGET, t0);
+        let mut w = Window::new(BUDGET, t0);
         let misses = (MAX_MISSED_SHARE.as_micros() / BUDGET.as_micros()) as u32;
         for i in 0..misses {
-            assert!(p.should_spin(t0, 64), "miss {i} is within the cap");
-            p.missed(t0, BUDGET);
+            assert!(w.may_spin(t0), "miss {i} is within the cap");
+            w.missed(t0, BUDGET);
         }
-        assert!(!p.should_spin(t0, 64), "the cap is reached");
-        let half = t0 + WINDOW / 2;
-        assert!(!p.should_spin(half, 64));
-        assert_eq!(p.until_next_window(half), WINDOW / 2);
-        assert!(p.should_spin(t0 + WINDOW, 64), "a new window");
-    }
-
-    fn spinner_asleep() -> bool {
-        ACTIVITY.with(|a| {
-            let w = a.sleeper.take();
-            let asleep = w.is_some();
-            a.sleeper.set(w);
-            asleep
-        })
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn the_spinner_wakes_for_enough_requests_in_flight_and_stops_on_shutdown() {
-        let (tx, rx) = watch::channel(false);
-        let spinner = tokio::spawn(run(Duration::from_millis(1), Metrics::new(1), rx));
-        tokio::task::yield_now().await;
-        assert!(
-            spinner_asleep(),
-            "with nothing in flight the spinner sleeps"
+        assert!(!w.may_spin(t0), "the cap is reached");
+        let half = t0 + CAP_PERIOD / 2;
+        assert_eq!(
+            next_step(LoopState::AsleepBusy, half, half, &mut w),
+            Step::Rest(CAP_PERIOD / 2)
         );
-        let mut requests: Vec<InFlight> = (1..MIN_IN_FLIGHT).map(|_| InFlight::start()).collect();
-        assert!(spinner_asleep(), "too few in flight to wake it");
-        assert_eq!(in_flight(), MIN_IN_FLIGHT - 1);
-        requests.push(InFlight::start());
-        assert!(!spinner_asleep(), "enough in flight wakes it");
+        assert!(w.may_spin(t0 + CAP_PERIOD), "a new period");
+    }
+
+    #[test]
+    fn the_spinner_spins_through_busy_sleeps_only_and_for_one_window() {
+        let t0 = Instant::now();
+        let mut w = Window::new(BUDGET, t0);
+        let within = t0 + FIRST_WINDOW / 2;
+        let past = t0 + FIRST_WINDOW;
+        assert_eq!(
+            next_step(LoopState::AsleepBusy, t0, within, &mut w),
+            Step::Spin
+        );
+        assert_eq!(
+            next_step(LoopState::AsleepBusy, t0, past, &mut w),
+            Step::Missed(FIRST_WINDOW)
+        );
+        assert_eq!(
+            next_step(LoopState::AsleepIdle, t0, t0, &mut w),
+            Step::Sleep,
+            "too few requests in flight: no spinning"
+        );
+        assert_eq!(
+            next_step(LoopState::Running, t0, within, &mut w),
+            Step::Spin,
+            "waits behind the running loop"
+        );
+        assert_eq!(
+            next_step(LoopState::Running, t0, t0 + RUNNING_LIMIT, &mut w),
+            Step::Sleep,
+            "a loop running that long has moved away"
+        );
+    }
+
+    #[test]
+    fn the_loop_state_survives_the_change_count() {
+        for state in [
+            LoopState::Running,
+            LoopState::AsleepBusy,
+            LoopState::AsleepIdle,
+        ] {
+            for count in [0u32, 1, 7, u32::MAX >> 2] {
+                assert_eq!(LoopState::of((count << 2) | state.bits()), state);
+            }
+        }
+        let shared = Shared::default();
+        let before = shared.state.load(Ordering::SeqCst);
+        shared.set(LoopState::Running);
+        let after = shared.state.load(Ordering::SeqCst);
+        assert_ne!(before, after, "the same state again is still a change");
+        assert_eq!(LoopState::of(after), LoopState::Running);
+    }
+
+    #[test]
+    fn requests_in_flight_are_counted_per_thread() {
+        let start = in_flight();
+        let requests: Vec<InFlight> = (0..MIN_IN_FLIGHT).map(|_| InFlight::start()).collect();
+        assert_eq!(in_flight(), start + MIN_IN_FLIGHT);
+        let other = std::thread::spawn(in_flight).join().expect("no panic");
+        assert_eq!(other, 0, "another loop's count is its own");
         drop(requests);
-        assert_eq!(in_flight(), 0, "answered requests leave the count");
-        tx.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(5), spinner)
-            .await
-            .expect("the spinner ends on shutdown")
-            .expect("no panic");
+        assert_eq!(in_flight(), start);
     }
 }

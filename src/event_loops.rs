@@ -59,9 +59,7 @@ impl EventLoops {
         let mut handles = vec![Handle::current()];
         let mut threads = Vec::new();
         for index in 1..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = crate::busy_poll::loop_runtime().build()?;
             handles.push(runtime.handle().clone());
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()

@@ -118,8 +118,7 @@ fn fail(e: &AppError) -> ExitCode {
 /// The main thread's runtime: event loop 0 of the data plane (`app::run` starts the others,
 /// see `event_loops`), the admin listener and the background tasks.
 fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+    sprint_sidecar::busy_poll::loop_runtime()
         .build()
         .map_err(|e| AppError::runtime(format!("cannot start the runtime: {e}")))
 }
@@ -200,22 +199,14 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             ),
         }
     );
-    let cores = sprint_sidecar::event_loops::available_cores();
-    let spinning = sprint_sidecar::busy_poll::spinning_loops(loops, cores, priority.nice());
     if cfg.runtime.busy_poll.is_zero() {
         println!("# busy polling: off (runtime.busy_poll = 0s)");
-    } else if sprint_sidecar::busy_poll::stands_down_at(priority.nice()) {
-        println!(
-            "# busy polling: stands down here, the priority is raised (nice {}; runtime.busy_poll \
-             = {} applies at nice 0 or above)",
-            priority.nice(),
-            humantime::format_duration(cfg.runtime.busy_poll)
-        );
     } else {
         println!(
-            "# busy polling: {spinning} of {loops} event loop(s) (runtime.busy_poll = {}; {cores} \
-             core(s), one always left free)",
-            humantime::format_duration(cfg.runtime.busy_poll)
+            "# busy polling: on (runtime.busy_poll = {}): while an event loop sleeps with {}+ \
+             requests in flight, an idle-class thread keeps its core awake for up to that long",
+            humantime::format_duration(cfg.runtime.busy_poll),
+            sprint_sidecar::busy_poll::MIN_IN_FLIGHT
         );
     }
     println!("# configuration is valid");

@@ -260,53 +260,114 @@ async fn concurrent_gets_all_answered_200(sidecar: &Sidecar, n: usize) {
     }
 }
 
-/// Busy polling stands down while the sidecar runs at a raised priority (`runtime.nice` -5,
-/// the default, where it may be raised): 200 concurrent requests, which make a nice-0 loop
-/// spin on two or more cores, make it spin not once. Where the priority cannot be raised the
-/// sidecar runs at nice 0 and spins as before.
-#[tokio::test(flavor = "multi_thread")]
-async fn busy_polling_stands_down_at_a_raised_priority() {
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
-    concurrent_gets_all_answered_200(&sidecar, 200).await;
-    let nice = sidecar.metric("sprint_sidecar_scheduling_nice").await;
-    let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if nice < 0.0 {
-        assert_eq!(spins, 0.0, "at nice {nice} the loop never spins");
+/// Bursts of 200 concurrent requests until the sidecar's loop has spun through a sleep
+/// (its spinner runs only on an otherwise idle core, so a machine busy with other tests may
+/// take a few bursts); returns the spin count.
+async fn load_until_spun(sidecar: &Sidecar) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        concurrent_gets_all_answered_200(sidecar, 200).await;
+        let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
+        if spins > 0.0 {
+            return spins;
+        }
         assert!(
-            sidecar.logs_contain("busy polling stands down"),
-            "{}",
-            sidecar.logs().join("\n")
+            Instant::now() < deadline,
+            "30 s of bursts of 200 concurrent requests and busy polling never spun"
         );
-    } else if cores > 1 {
-        assert!(spins > 0.0, "at nice {nice} the loop spins as before");
     }
+}
+
+/// The scheduling policies of a process's threads by name (`/proc/PID/task/*/stat`, field
+/// 41: 0 normal, 5 idle).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the sidecar runs") {
+        let path = task.expect("a task").path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        // Fields from the state (3rd) on: the policy (41st) is at index 38.
+        let policy = after_name
+            .split(' ')
+            .nth(38)
+            .and_then(|p| p.parse().ok())
+            .expect("a policy field");
+        threads.push((name.trim().to_owned(), policy));
+    }
+    threads
+}
+
+/// Busy polling (`runtime.busy_poll`, on by default) spins in a thread of the idle
+/// scheduling class, so it takes no CPU that anything else wants: whatever the priority
+/// (`runtime.nice` -5 by default, in effect where it may be raised) and however many cores,
+/// a loaded loop's sleeps are spun through, and every other thread keeps the normal class.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_spins_in_the_idle_class_at_any_priority() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let pid = sidecar.pid().expect("running");
+    let threads = thread_policies(pid);
+    let spinners: Vec<&(String, u32)> = threads
+        .iter()
+        .filter(|(name, _)| name == "sidecar-spin")
+        .collect();
+    assert_eq!(
+        spinners.len(),
+        1,
+        "one spinner for one event loop: {threads:?}"
+    );
+    assert_eq!(spinners[0].1, 5, "the spinner is SCHED_IDLE: {threads:?}");
+    assert!(
+        threads
+            .iter()
+            .filter(|(name, _)| name != "sidecar-spin")
+            .all(|(_, policy)| *policy == 0),
+        "the event loop and the rest stay SCHED_OTHER: {threads:?}"
+    );
+    let spins = load_until_spun(&sidecar).await;
+    assert!(spins > 0.0);
+}
+
+/// `runtime.busy_poll = "0s"` turns busy polling off: no spinner thread, no spins.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_off_starts_no_spinner() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("runtime", "busy_poll", "0s")
+    })
+    .await;
+    let pid = sidecar.pid().expect("running");
+    concurrent_gets_all_answered_200(&sidecar, 200).await;
+    let threads = thread_policies(pid);
+    assert!(
+        threads.iter().all(|(name, _)| name != "sidecar-spin"),
+        "{threads:?}"
+    );
+    let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
+    assert_eq!(spins, 0.0);
 }
 
 /// Busy polling (`runtime.busy_poll`, on by default) spins only while answers are due: with
 /// 32 requests held by a relay that never answers, spins that find nothing stop at their cap
-/// (2% of a core), and once the load is gone the loop sleeps. A spinner that kept going
-/// would hold a core at 100%. (At nice 0: at a raised priority busy polling stands down,
-/// see the next test.)
+/// (10% of a core), and once the load is gone the loop and its spinner sleep. A spinner that
+/// kept going would hold a core at 100%.
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone() {
     let (relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar
-            .set_str("pool", "request_timeout", "30s")
-            .set("runtime", "nice", "0")
+        sidecar.set_str("pool", "request_timeout", "30s")
     })
     .await;
     let pid = sidecar.pid().expect("running");
     let client = support::client();
     // Load first, so the loop spins, then a relay that holds every request.
-    concurrent_gets_all_answered_200(&sidecar, 200).await;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
-    if cores > 1 {
-        assert!(spins > 0.0, "200 concurrent requests made the loop spin");
-    } else {
-        assert_eq!(spins, 0.0, "on one core busy polling stays off");
-    }
+    load_until_spun(&sidecar).await;
+    let answered = relay.request_count();
+    let missed_before = sidecar
+        .metric("sprint_sidecar_busy_poll_missed_seconds_total")
+        .await;
     let started = Instant::now();
     relay.set_fault(support::Fault::Stall);
     let mut held = JoinSet::new();
@@ -315,14 +376,14 @@ async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone()
         held.spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) });
     }
     for _ in 0..100 {
-        if relay.request_count() >= 200 + 32 {
+        if relay.request_count() >= answered + 32 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
         relay.request_count(),
-        232,
+        answered + 32,
         "all 32 requests are held by the relay"
     );
     let stalled = cpu_percent_over(pid, Duration::from_secs(2)).await;
@@ -332,8 +393,9 @@ async fn busy_polling_stops_when_answers_stop_coming_and_when_the_load_is_gone()
     );
     let missed = sidecar
         .metric("sprint_sidecar_busy_poll_missed_seconds_total")
-        .await;
-    let allowed = 0.02 * (started.elapsed().as_secs_f64() + 2.0) + 0.05;
+        .await
+        - missed_before;
+    let allowed = 0.10 * (started.elapsed().as_secs_f64() + 2.0) + 0.05;
     assert!(
         missed <= allowed,
         "spinning for answers that never came: {missed:.3} s, the cap allows {allowed:.3} s"

@@ -1,7 +1,8 @@
 //! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
-//! limits (core size, locked memory, open files), `mlockall`, the page size and the
-//! scheduling priority (nice). `hardening` and `app` call these; nothing else in the crate
-//! touches libc for them.
+//! limits (core size, locked memory, open files), `mlockall`, the page size, the
+//! scheduling priority (nice) and, for `busy_poll`'s spinner, the idle scheduling class, the
+//! current core and core affinity. `hardening`, `app` and `busy_poll` call these; nothing
+//! else in the crate touches libc for them.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,6 +132,46 @@ pub fn nice() -> io::Result<i32> {
 pub fn set_nice(value: i32) -> io::Result<()> {
     // SAFETY: setpriority takes three integers; no memory is passed.
     let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`): it then runs only
+/// when nothing else wants its core, and any other thread that wakes there takes the core
+/// at once. Lowering a thread's class needs no privilege.
+pub fn set_idle_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling
+    // thread.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The core the calling thread runs on (`sched_getcpu`), or `None` when the kernel cannot
+/// tell.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes nothing and returns an integer.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
+}
+
+/// Restricts the calling thread to core `cpu` (`sched_setaffinity`).
+pub fn pin_thread_to(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the bit lies inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed, alive for the call; pid 0 is
+    // the calling thread.
+    let result = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
     if result != 0 {
         return Err(io::Error::last_os_error());
     }
