@@ -319,7 +319,16 @@ pub async fn run(
     metrics.set_nice(nice);
     let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
-    for index in 0..loops.len() {
+    let quota = crate::busy_poll::cpu_quota();
+    if let Some(cores) = quota
+        && !cfg.runtime.busy_poll.is_zero()
+    {
+        info!(
+            cpu_quota_cores = cores,
+            "busy polling stands down: a CPU quota applies (spins would count against it)"
+        );
+    }
+    for index in (0..loops.len()).filter(|_| quota.is_none()) {
         loops.spawn_on(
             index,
             crate::busy_poll::run(

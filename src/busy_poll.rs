@@ -30,6 +30,10 @@
 //!   [`MAX_MISSED_SHARE`] of a second, the spinner rests until the second is over. A relay
 //!   that stalls with many requests in flight thus costs at most that share of a core.
 //!
+//! Busy polling stands down under a cgroup CPU quota (a container's CPU limit,
+//! [`cpu_quota`]): there every spin counts against the quota, idle class or not, and a loop
+//! whose quota went to spinning is throttled.
+//!
 //! The spinner follows its loop: its affinity is the core the loop last went to sleep on,
 //! and while the loop runs it waits behind it there.
 //!
@@ -191,6 +195,42 @@ pub fn next_step(state: LoopState, since: Instant, now: Instant, window: &mut Wi
         LoopState::Running if elapsed < RUNNING_LIMIT => Step::Spin,
         LoopState::Running | LoopState::AsleepIdle => Step::Sleep,
     }
+}
+
+// ---- where it stands down -------------------------------------------------------------------
+
+/// The CPU quota of this process's cgroup in cores (cgroup v2 `cpu.max`, or v1
+/// `cpu.cfs_quota_us` over `cpu.cfs_period_us`), `None` when there is none. Under a quota
+/// every spin counts against it, idle class or not, and a loop that spends its quota
+/// spinning is throttled: busy polling stands down there.
+pub fn cpu_quota() -> Option<f64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(path) = cgroup.lines().find_map(|line| line.strip_prefix("0::")) {
+        let file = format!("/sys/fs/cgroup{}/cpu.max", path.trim_end_matches('/'));
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return parse_cpu_max(&text);
+        }
+    }
+    // cgroup v1: the hierarchy whose controllers include `cpu`.
+    let path = cgroup.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let controllers = fields.nth(1)?;
+        let path = fields.next()?;
+        controllers.split(',').any(|c| c == "cpu").then_some(path)
+    })?;
+    let dir = format!("/sys/fs/cgroup/cpu{}", path.trim_end_matches('/'));
+    let quota = std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us")).ok()?;
+    let period = std::fs::read_to_string(format!("{dir}/cpu.cfs_period_us")).ok()?;
+    parse_cpu_max(&format!("{} {}", quota.trim(), period.trim()))
+}
+
+/// A quota of cgroup v2's `cpu.max` form (`QUOTA PERIOD`, `max` or a negative quota for
+/// none) in cores.
+pub fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut fields = text.split_whitespace();
+    let quota: f64 = fields.next()?.parse().ok()?;
+    let period: f64 = fields.next().map_or(Some(100_000.0), |p| p.parse().ok())?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
 // ---- requests in flight ---------------------------------------------------------------------
@@ -534,6 +574,16 @@ mod tests {
         let after = shared.state.load(Ordering::SeqCst);
         assert_ne!(before, after, "the same state again is still a change");
         assert_eq!(LoopState::of(after), LoopState::Running);
+    }
+
+    #[test]
+    fn a_cpu_quota_is_read_in_cores_and_none_is_none() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("50000 100000\n"), Some(0.5));
+        assert_eq!(parse_cpu_max("200000 100000"), Some(2.0));
+        assert_eq!(parse_cpu_max("-1 100000"), None, "cgroup v1: no quota");
+        assert_eq!(parse_cpu_max(""), None);
+        assert_eq!(parse_cpu_max("lots 100000"), None);
     }
 
     #[test]

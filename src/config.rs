@@ -176,8 +176,8 @@ pub struct RuntimeConfig {
     /// Event loops, one thread each; 0 = one per available core, at most one per pool
     /// connection.
     pub worker_threads: usize,
-    /// How long an event loop under load keeps polling for more work before it sleeps; zero:
-    /// never (see `busy_poll`).
+    /// The longest an idle-class thread keeps an event loop's core awake while the loop
+    /// sleeps under load; zero: never (see `busy_poll`).
     pub busy_poll: Duration,
     /// The scheduling priority (nice value, -20 to 19) the sidecar sets for itself at start;
     /// applied when permitted (see `app::apply_priority`).
@@ -213,7 +213,7 @@ const DEFAULT_WORKER_THREADS: usize = 1;
 
 /// Spins of 0.2 ms: long enough to bridge the wait for the relay's next answers under load
 /// (README, Performance), short against the sleeps of a lightly loaded loop.
-const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+const DEFAULT_BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// A longer spin than this is a typo: it would be a sleep that burns a core.
 const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
@@ -460,7 +460,7 @@ impl Default for RawRuntime {
     fn default() -> Self {
         RawRuntime {
             worker_threads: DEFAULT_WORKER_THREADS as i64,
-            busy_poll: "200us".into(),
+            busy_poll: "1ms".into(),
             nice: i64::from(DEFAULT_NICE),
         }
     }
@@ -1617,19 +1617,19 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_defaults_to_200us_zero_turns_it_off_and_long_or_bad_values_are_refused() {
+    fn busy_poll_defaults_to_1ms_zero_turns_it_off_and_long_or_bad_values_are_refused() {
         let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
-        assert_eq!(c.runtime.busy_poll, Duration::from_micros(200));
+        assert_eq!(c.runtime.busy_poll, Duration::from_millis(1));
         let env = [("SPRINT_SIDECAR_RUNTIME_BUSY_POLL", "0s")];
         let c = load_text("", &env, &Overrides::default()).expect("0s is valid");
         assert_eq!(c.runtime.busy_poll, Duration::ZERO);
         let c = load_text(
-            "[runtime]\nbusy_poll = \"1ms\"\n",
+            "[runtime]\nbusy_poll = \"200us\"\n",
             &[],
             &Overrides::default(),
         )
-        .expect("1ms is valid");
-        assert_eq!(c.runtime.busy_poll, Duration::from_millis(1));
+        .expect("200us is valid");
+        assert_eq!(c.runtime.busy_poll, Duration::from_micros(200));
         for bad in ["20ms", "soon"] {
             let text = format!("[runtime]\nbusy_poll = \"{bad}\"\n");
             let err = load_text(&text, &[], &Overrides::default()).unwrap_err();

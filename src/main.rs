@@ -201,6 +201,12 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     );
     if cfg.runtime.busy_poll.is_zero() {
         println!("# busy polling: off (runtime.busy_poll = 0s)");
+    } else if let Some(cores) = sprint_sidecar::busy_poll::cpu_quota() {
+        println!(
+            "# busy polling: stands down here, a CPU quota of {cores:.2} core(s) applies \
+             (runtime.busy_poll = {})",
+            humantime::format_duration(cfg.runtime.busy_poll)
+        );
     } else {
         println!(
             "# busy polling: on (runtime.busy_poll = {}): while an event loop sleeps with {}+ \

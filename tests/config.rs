@@ -116,7 +116,7 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
         "{}",
         output.stdout
     );
-    let busy_polling = "# busy polling: on (runtime.busy_poll = 200us): while an event loop \
+    let busy_polling = "# busy polling: on (runtime.busy_poll = 1ms): while an event loop \
                         sleeps with 8+ requests in flight, an idle-class thread keeps its core \
                         awake for up to that long";
     assert!(output.stdout.contains(busy_polling), "{}", output.stdout);
@@ -560,7 +560,7 @@ async fn check_config_says_whether_the_priority_can_be_raised_here() {
     assert!(
         refused
             .stdout
-            .contains("# busy polling: on (runtime.busy_poll = 200us)"),
+            .contains("# busy polling: on (runtime.busy_poll = 1ms)"),
         "busy polling does not depend on the priority: {}",
         refused.stdout
     );

@@ -350,6 +350,103 @@ async fn busy_polling_off_starts_no_spinner() {
     assert_eq!(spins, 0.0);
 }
 
+/// A CPU cgroup with a quota of half a core (cgroup v2 `cpu.max` or v1
+/// `cpu.cfs_quota_us`), removed on drop; `None` where this process may not make one.
+struct QuotaCgroup {
+    dir: std::path::PathBuf,
+    procs: String,
+}
+
+impl QuotaCgroup {
+    fn new() -> Option<QuotaCgroup> {
+        let name = format!("sprint-sidecar-test-{}", std::process::id());
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.subtree_control");
+        let (dir, file, value) = if std::fs::read_to_string(v2).is_ok_and(|c| c.contains("cpu")) {
+            (
+                std::path::Path::new("/sys/fs/cgroup").join(&name),
+                "cpu.max",
+                "50000 100000",
+            )
+        } else {
+            (
+                std::path::Path::new("/sys/fs/cgroup/cpu").join(&name),
+                "cpu.cfs_quota_us",
+                "50000",
+            )
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let cgroup = QuotaCgroup {
+            procs: dir.join("cgroup.procs").display().to_string(),
+            dir,
+        };
+        std::fs::write(cgroup.dir.join(file), value).ok()?;
+        Some(cgroup)
+    }
+}
+
+impl Drop for QuotaCgroup {
+    fn drop(&mut self) {
+        // Empty once the sidecar has exited; retried briefly while it exits.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Under a CPU quota (a container's CPU limit) busy polling stands down, since its spins
+/// would count against the quota: no spinner thread, a log line, and `check-config` says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_stands_down_under_a_cpu_quota() {
+    let Some(cgroup) = QuotaCgroup::new() else {
+        eprintln!("skipped: this process cannot create a CPU cgroup with a quota here");
+        return;
+    };
+    let join = format!("echo $$ > {} && exec \"$@\"", cgroup.procs);
+    let wrapper = ["sh", "-c", join.as_str(), "sh"];
+    let relay = Relay::builder().protocol(Proto::H2).start().await;
+    let checked = Sidecar::builder()
+        .relay(&relay)
+        .wrapper(&wrapper)
+        .run_command("check-config")
+        .await;
+    assert!(
+        checked.stdout.contains(
+            "# busy polling: stands down here, a CPU quota of 0.50 core(s) applies \
+             (runtime.busy_poll = 1ms)"
+        ),
+        "{}\n{}",
+        checked.stdout,
+        checked.stderr
+    );
+    let sidecar = Sidecar::builder()
+        .relay(&relay)
+        .wrapper(&wrapper)
+        .start()
+        .await;
+    sidecar.wait_ready().await;
+    concurrent_gets_all_answered_200(&sidecar, 200).await;
+    let pid = sidecar.pid().expect("running");
+    let threads = thread_policies(pid);
+    assert!(
+        threads.iter().all(|(name, _)| name != "sidecar-spin"),
+        "{threads:?}"
+    );
+    assert_eq!(
+        sidecar.metric("sprint_sidecar_busy_poll_spins_total").await,
+        0.0
+    );
+    assert!(
+        sidecar.logs_contain("busy polling stands down: a CPU quota applies"),
+        "{}",
+        sidecar.logs().join("\n")
+    );
+    drop(sidecar);
+    drop(cgroup);
+}
+
 /// Busy polling (`runtime.busy_poll`, on by default) spins only while answers are due: with
 /// 32 requests held by a relay that never answers, spins that find nothing stop at their cap
 /// (10% of a core), and once the load is gone the loop and its spinner sleep. A spinner that
