@@ -310,14 +310,15 @@ impl Metrics {
         let busy_poll_spins = Counter::default();
         service.register(
             "busy_poll_spins",
-            "Times an event loop polled for more work instead of sleeping (runtime.busy_poll)",
+            "Sleeps of an event loop under load that busy polling spun through, or tried to \
+             (runtime.busy_poll)",
             busy_poll_spins.clone(),
         );
         let busy_poll_missed = Counter::<f64, AtomicU64>::default();
         service.register_with_unit(
             "busy_poll_missed",
-            "Time event loops spent polling for work that did not come before busy_poll ran \
-             out: the CPU busy polling cost without saving a sleep (capped at 2% of a core)",
+            "Time busy polling spun while its loop slept on past the spin's window: CPU spent \
+             without saving a wake-up (capped at 10% of a core per loop)",
             Unit::Seconds,
             busy_poll_missed.clone(),
         );
