@@ -139,21 +139,12 @@ async fn answers_hundreds_of_concurrent_requests_on_four_worker_threads_over_htt
     answers_hundreds_of_concurrent_requests(Proto::Http1, Some("4")).await;
 }
 
-/// The threads of a running process (`Threads:` of `/proc/PID/status`).
-fn threads_of(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a Threads: line")
-}
-
 /// Starts a sidecar configured by `configure`, proxies one request through it and returns
-/// the threads its process has then.
+/// the threads its process has then: those that run event loops (every thread but the
+/// spinners) and busy polling's spinners (`sidecar-spin`).
 async fn threads_after_a_request(
     configure: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
-) -> usize {
+) -> (usize, usize) {
     let (_relay, sidecar) = start(Proto::H2, configure).await;
     let answer = sidecar
         .client()
@@ -162,10 +153,14 @@ async fn threads_after_a_request(
         .await
         .expect("answered");
     assert_eq!(answer.status(), 200);
-    threads_of(sidecar.pid().expect("running"))
+    let threads = thread_policies(sidecar.pid().expect("running"));
+    let spinners = threads
+        .iter()
+        .filter(|(name, _)| name == "sidecar-spin")
+        .count();
+    (threads.len() - spinners, spinners)
 }
 
-/// By default the whole process is one thread: the event loop runs on the main thread.
 /// The `Max open files` soft and hard limits of a process, from `/proc/PID/limits`.
 fn open_files_limits(pid: &str) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
@@ -220,13 +215,18 @@ async fn a_low_open_files_limit_is_raised_for_max_connections() {
 async fn runtime_worker_threads_decides_the_threads_of_the_process() {
     assert_eq!(
         threads_after_a_request(|sidecar| sidecar).await,
-        1,
-        "one event loop on the main thread"
+        (1, 1),
+        "one event loop on the main thread, and its busy-polling spinner"
     );
     assert_eq!(
         threads_after_a_request(|sidecar| sidecar.set("runtime", "worker_threads", "3")).await,
-        3,
-        "the main thread's loop and two more"
+        (3, 3),
+        "the main thread's loop and two more, a spinner each"
+    );
+    assert_eq!(
+        threads_after_a_request(|sidecar| sidecar.set_str("runtime", "busy_poll", "0s")).await,
+        (1, 0),
+        "without busy polling the whole process is one thread"
     );
 }
 

@@ -142,7 +142,9 @@ pub fn set_nice(value: i32) -> io::Result<()> {
 /// when nothing else wants its core, and any other thread that wakes there takes the core
 /// at once. Lowering a thread's class needs no privilege.
 pub fn set_idle_scheduling() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: an all-zero sched_param is valid (priority 0, the only one SCHED_IDLE takes;
+    // musl's has more fields than glibc's, all zero too).
+    let param: libc::sched_param = unsafe { std::mem::zeroed() };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling
     // thread.
     let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
