@@ -154,10 +154,7 @@ async fn threads_after_a_request(
         .expect("answered");
     assert_eq!(answer.status(), 200);
     let threads = thread_policies(sidecar.pid().expect("running"));
-    let spinners = threads
-        .iter()
-        .filter(|(name, _)| name == "sidecar-spin")
-        .count();
+    let spinners = spinner_count(&threads);
     (threads.len() - spinners, spinners)
 }
 
@@ -302,6 +299,16 @@ fn thread_policies(pid: u32) -> Vec<(String, u32)> {
     threads
 }
 
+/// Busy polling's spinner threads (`sidecar-spin`) among `threads`.
+fn spinner_count(threads: &[(String, u32)]) -> usize {
+    threads
+        .iter()
+        .filter(|(name, _)| name == SPINNER_THREAD)
+        .count()
+}
+
+const SPINNER_THREAD: &str = "sidecar-spin";
+
 /// Busy polling (`runtime.busy_poll`, on by default) spins in a thread of the idle
 /// scheduling class, so it takes no CPU that anything else wants: whatever the priority
 /// (`runtime.nice` -5 by default, in effect where it may be raised) and however many cores,
@@ -313,7 +320,7 @@ async fn busy_polling_spins_in_the_idle_class_at_any_priority() {
     let threads = thread_policies(pid);
     let spinners: Vec<&(String, u32)> = threads
         .iter()
-        .filter(|(name, _)| name == "sidecar-spin")
+        .filter(|(name, _)| name == SPINNER_THREAD)
         .collect();
     assert_eq!(
         spinners.len(),
@@ -324,7 +331,7 @@ async fn busy_polling_spins_in_the_idle_class_at_any_priority() {
     assert!(
         threads
             .iter()
-            .filter(|(name, _)| name != "sidecar-spin")
+            .filter(|(name, _)| name != SPINNER_THREAD)
             .all(|(_, policy)| *policy == 0),
         "the event loop and the rest stay SCHED_OTHER: {threads:?}"
     );
@@ -342,10 +349,7 @@ async fn busy_polling_off_starts_no_spinner() {
     let pid = sidecar.pid().expect("running");
     concurrent_gets_all_answered_200(&sidecar, 200).await;
     let threads = thread_policies(pid);
-    assert!(
-        threads.iter().all(|(name, _)| name != "sidecar-spin"),
-        "{threads:?}"
-    );
+    assert_eq!(spinner_count(&threads), 0, "{threads:?}");
     let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
     assert_eq!(spins, 0.0);
 }
@@ -430,10 +434,7 @@ async fn busy_polling_stands_down_under_a_cpu_quota() {
     concurrent_gets_all_answered_200(&sidecar, 200).await;
     let pid = sidecar.pid().expect("running");
     let threads = thread_policies(pid);
-    assert!(
-        threads.iter().all(|(name, _)| name != "sidecar-spin"),
-        "{threads:?}"
-    );
+    assert_eq!(spinner_count(&threads), 0, "{threads:?}");
     assert_eq!(
         sidecar.metric("sprint_sidecar_busy_poll_spins_total").await,
         0.0
