@@ -28,7 +28,12 @@
 //!   the window ran out, halving when it slept longer than `busy_poll` anyway;
 //! * spins that run their window out are lost time; once they add up to
 //!   [`MAX_MISSED_SHARE`] of a second, the spinner rests until the second is over. A relay
-//!   that stalls with many requests in flight thus costs at most that share of a core.
+//!   that stalls with many requests in flight thus costs at most that share of a core;
+//! * all spinning in a second, caught or lost, stays below the loop's own running time in it
+//!   (plus [`SPIN_SLACK`]): busy polling at most doubles what the loop costs. At full load
+//!   the loop runs most of the time and the bound is never reached; at a moderate load whose
+//!   events come less than `busy_poll` apart, spinning through every gap would hold the core
+//!   at 100%.
 //!
 //! A spinning core is not idle to the scheduler in one respect: a core about to go idle
 //! takes a waiting thread from a busier core at once (new-idle balancing), and one that runs
@@ -76,7 +81,11 @@ pub const MAX_MISSED_SHARE: Duration = Duration::from_millis(100);
 pub const FIRST_WINDOW: Duration = Duration::from_micros(50);
 pub const SHORTEST_WINDOW: Duration = Duration::from_micros(20);
 
-/// The period over which lost spinning is capped.
+/// Spinning a period may take beyond the loop's own work in it, so that a loop that has
+/// just become busy can be spun for at once.
+pub const SPIN_SLACK: Duration = Duration::from_millis(10);
+
+/// The period over which spinning is capped.
 const CAP_PERIOD: Duration = Duration::from_secs(1);
 
 /// Spin iterations between two looks at whether threads wait for a core (each look reads
@@ -92,7 +101,9 @@ const RUNNING_LIMIT: Duration = Duration::from_millis(2);
 
 // ---- the spin window (pure) -----------------------------------------------------------------
 
-/// How long a spin may last, adapted to the loop's sleeps, and the cap on lost spinning.
+/// How long a spin may last, adapted to the loop's sleeps, and the caps on spinning: lost
+/// spinning at most [`MAX_MISSED_SHARE`] of each period, all spinning at most the loop's own
+/// work in the period plus [`SPIN_SLACK`].
 #[derive(Debug, Clone)]
 pub struct Window {
     /// `runtime.busy_poll`: the longest window.
@@ -100,6 +111,12 @@ pub struct Window {
     current: Duration,
     period_start: Instant,
     missed: Duration,
+    /// The spinner's CPU time so far ([`Window::record_spinning`]) and at the period's start.
+    spun: Duration,
+    spun_at_start: Duration,
+    /// The loop's running time so far ([`Window::record_work`]) and at the period's start.
+    work: Duration,
+    work_at_start: Duration,
 }
 
 impl Window {
@@ -110,6 +127,10 @@ impl Window {
             current: FIRST_WINDOW.min(budget),
             period_start: now,
             missed: Duration::ZERO,
+            spun: Duration::ZERO,
+            spun_at_start: Duration::ZERO,
+            work: Duration::ZERO,
+            work_at_start: Duration::ZERO,
         }
     }
 
@@ -118,10 +139,26 @@ impl Window {
         self.current
     }
 
-    /// Whether a spin may go on (or start) at `now`: not with a zero budget, nor over the cap.
-    pub fn may_spin(&mut self, now: Instant) -> bool {
+    /// The loop has run for `total` so far (since busy polling started).
+    pub fn record_work(&mut self, total: Duration) {
+        self.work = self.work.max(total);
+    }
+
+    /// Whether a spin that has lasted `spinning_for` may go on (or start) at `now`: not with
+    /// a zero budget, nor over either cap.
+    pub fn may_spin(&mut self, now: Instant, spinning_for: Duration) -> bool {
         self.roll(now);
-        !self.budget.is_zero() && self.missed < MAX_MISSED_SHARE
+        let work = self.work.saturating_sub(self.work_at_start);
+        let spun = self.spun.saturating_sub(self.spun_at_start);
+        !self.budget.is_zero()
+            && self.missed < MAX_MISSED_SHARE
+            && spun + spinning_for < work + SPIN_SLACK
+    }
+
+    /// The spinner has used `total` CPU time so far (measured, not inferred: a spinner that
+    /// sees its loop wake only when it runs again cannot tell when its spin ended).
+    pub fn record_spinning(&mut self, total: Duration) {
+        self.spun = self.spun.max(total);
     }
 
     /// A spin ran its window out at `now`, `lost` spent without the loop waking.
@@ -150,6 +187,8 @@ impl Window {
         if now.saturating_duration_since(self.period_start) >= CAP_PERIOD {
             self.period_start = now;
             self.missed = Duration::ZERO;
+            self.spun_at_start = self.spun;
+            self.work_at_start = self.work;
         }
     }
 }
@@ -203,7 +242,9 @@ pub enum Step {
 pub fn next_step(state: LoopState, since: Instant, now: Instant, window: &mut Window) -> Step {
     let elapsed = now.saturating_duration_since(since);
     match state {
-        LoopState::AsleepBusy if !window.may_spin(now) => Step::Rest(window.until_next_period(now)),
+        LoopState::AsleepBusy if !window.may_spin(now, elapsed) => {
+            Step::Rest(window.until_next_period(now))
+        }
         LoopState::AsleepBusy if elapsed >= window.current() => {
             window.missed(now, elapsed);
             Step::Missed(elapsed)
@@ -406,6 +447,8 @@ struct Shared {
     cpu: AtomicUsize,
     /// How long the loop's last finished sleep lasted, in nanoseconds.
     last_sleep_ns: AtomicU64,
+    /// How long the loop has run (been awake) in all, in nanoseconds.
+    work_ns: AtomicU64,
     /// The spinner sleeps and must be woken for the next spin.
     spinner_asleep: AtomicBool,
     stop: AtomicBool,
@@ -429,6 +472,8 @@ thread_local! {
     static REGISTERED: RefCell<Option<Registered>> = const { RefCell::new(None) };
     /// When this thread's loop went to sleep.
     static ASLEEP_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// When this thread's loop last woke up.
+    static AWAKE_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// The runtime hook run as an event loop goes to sleep (`on_thread_park`): tells its spinner,
@@ -441,7 +486,12 @@ pub fn before_park() {
         let Some(Registered { shared, spinner }) = registered.as_ref() else {
             return;
         };
-        ASLEEP_SINCE.with(|t| t.set(Some(Instant::now())));
+        let now = Instant::now();
+        ASLEEP_SINCE.with(|t| t.set(Some(now)));
+        if let Some(since) = AWAKE_SINCE.with(Cell::take) {
+            let ran = u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(0);
+            shared.work_ns.fetch_add(ran, Ordering::Relaxed);
+        }
         if in_flight() < MIN_IN_FLIGHT {
             shared.set(LoopState::AsleepIdle);
             return;
@@ -464,8 +514,11 @@ pub fn after_unpark() {
         };
         if let Some(Registered { shared, .. }) = registered.as_ref() {
             shared.set(LoopState::Running);
+            let now = Instant::now();
+            AWAKE_SINCE.with(|t| t.set(Some(now)));
             if let Some(since) = ASLEEP_SINCE.with(Cell::take) {
-                let slept = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let slept =
+                    u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(0);
                 shared.last_sleep_ns.store(slept, Ordering::Relaxed);
             }
         }
@@ -541,6 +594,7 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
         if word != seen {
             if spinning {
                 // The loop woke within the window: a sleep spun through.
+                window.record_spinning(sys::thread_cpu_time());
                 metrics.busy_poll_spin(Duration::ZERO);
             }
             seen = word;
@@ -550,6 +604,7 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
                 follow(&mut pinned);
             }
         }
+        window.record_work(Duration::from_nanos(shared.work_ns.load(Ordering::Relaxed)));
         let mut step = next_step(LoopState::of(word), since, now, &mut window);
         if step == Step::Spin {
             iterations = iterations.wrapping_add(1);
@@ -565,6 +620,7 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
                 continue;
             }
             Step::Missed(lost) => {
+                window.record_spinning(sys::thread_cpu_time());
                 metrics.busy_poll_spin(lost);
                 None
             }
@@ -645,7 +701,7 @@ mod tests {
     fn a_zero_budget_never_spins() {
         let t0 = Instant::now();
         let mut w = Window::new(Duration::ZERO, t0);
-        assert!(!w.may_spin(t0));
+        assert!(!w.may_spin(t0, Duration::ZERO));
         assert_eq!(
             next_step(LoopState::AsleepBusy, t0, t0, &mut w),
             Step::Rest(CAP_PERIOD)
@@ -657,17 +713,52 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Window::new(BUDGET, t0);
         let misses = (MAX_MISSED_SHARE.as_micros() / BUDGET.as_micros()) as u32;
+        w.record_work(Duration::from_secs(1));
         for i in 0..misses {
-            assert!(w.may_spin(t0), "miss {i} is within the cap");
+            assert!(w.may_spin(t0, Duration::ZERO), "miss {i} is within the cap");
             w.missed(t0, BUDGET);
         }
-        assert!(!w.may_spin(t0), "the cap is reached");
+        assert!(!w.may_spin(t0, Duration::ZERO), "the cap is reached");
         let half = t0 + CAP_PERIOD / 2;
         assert_eq!(
             next_step(LoopState::AsleepBusy, half, half, &mut w),
             Step::Rest(CAP_PERIOD / 2)
         );
-        assert!(w.may_spin(t0 + CAP_PERIOD), "a new period");
+        assert!(w.may_spin(t0 + CAP_PERIOD, Duration::ZERO), "a new period");
+    }
+
+    #[test]
+    fn spinning_never_outgrows_the_loops_own_work() {
+        let t0 = Instant::now();
+        let mut w = Window::new(BUDGET, t0);
+        // A moderate load: the loop ran 2 ms so far, and every gap is caught.
+        w.record_work(Duration::from_millis(2));
+        let allowed = Duration::from_millis(2) + SPIN_SLACK;
+        assert!(w.may_spin(t0, allowed - Duration::from_micros(1)));
+        assert!(!w.may_spin(t0, allowed), "a spin stops at the bound");
+        w.record_spinning(allowed);
+        assert_eq!(
+            next_step(LoopState::AsleepBusy, t0, t0, &mut w),
+            Step::Rest(CAP_PERIOD),
+            "all spinning counts, caught or lost"
+        );
+        w.record_work(Duration::from_millis(20));
+        assert!(w.may_spin(t0, Duration::ZERO), "more work, more room");
+        let next = t0 + CAP_PERIOD;
+        w.record_work(Duration::from_millis(21));
+        assert!(
+            w.may_spin(next, Duration::ZERO),
+            "a new period starts afresh"
+        );
+        w.record_spinning(allowed + Duration::from_millis(5));
+        assert!(
+            w.may_spin(next, Duration::ZERO),
+            "5 ms spun in this period, within the slack"
+        );
+        assert!(
+            !w.may_spin(next, Duration::from_millis(1) + SPIN_SLACK),
+            "the new period counts only its own work"
+        );
     }
 
     #[test]

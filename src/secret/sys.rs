@@ -162,6 +162,24 @@ pub fn current_cpu() -> Option<usize> {
     usize::try_from(cpu).ok()
 }
 
+/// CPU time the calling thread has used (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`); zero
+/// when the kernel cannot tell.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid, writable timespec that outlives the call.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    if result != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        u64::try_from(time.tv_sec).unwrap_or(0),
+        u32::try_from(time.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// The cores online in the machine (`sysconf(_SC_NPROCESSORS_ONLN)`), at least 1.
 pub fn online_cpus() -> usize {
     // SAFETY: sysconf takes an integer name and returns a value; no memory is passed.
