@@ -328,7 +328,9 @@ pub async fn run(
             "busy polling stands down: a CPU quota applies (spins would count against it)"
         );
     }
-    for index in (0..loops.len()).filter(|_| quota.is_none()) {
+    // Under a CPU quota busy polling stands down (logged above).
+    let spinning_loops = if quota.is_none() { loops.len() } else { 0 };
+    for index in 0..spinning_loops {
         loops.spawn_on(
             index,
             crate::busy_poll::run(

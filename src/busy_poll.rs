@@ -577,21 +577,18 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
     }
     let mut window = Window::new(budget, Instant::now());
     let mut pinned: Option<usize> = None;
-    let follow = |pinned: &mut Option<usize>| {
-        let cpu = shared.cpu.load(Ordering::Relaxed);
-        if *pinned != Some(cpu) && sys::pin_thread_to(cpu).is_ok() {
-            *pinned = Some(cpu);
-        }
-    };
     let mut crowding = Crowding::new();
     let mut iterations: u32 = 0;
-    let mut seen = shared.state.load(Ordering::SeqCst);
+    let mut seen = 0;
     let mut since = Instant::now();
     let mut spinning = false;
+    // Take the loop's state afresh (at the start, and after each sleep or rest of this
+    // thread, whatever the loop did meanwhile).
+    let mut resync = true;
     while !shared.stop.load(Ordering::Relaxed) {
         let word = shared.state.load(Ordering::SeqCst);
         let now = Instant::now();
-        if word != seen {
+        if resync || word != seen {
             if spinning {
                 // The loop woke within the window: a sleep spun through.
                 window.record_spinning(sys::thread_cpu_time());
@@ -599,9 +596,11 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
             }
             seen = word;
             since = now;
+            resync = false;
             spinning = LoopState::of(word) == LoopState::AsleepBusy;
-            if spinning {
-                follow(&mut pinned);
+            let cpu = shared.cpu.load(Ordering::Relaxed);
+            if spinning && pinned != Some(cpu) && sys::pin_thread_to(cpu).is_ok() {
+                pinned = Some(cpu);
             }
         }
         window.record_work(Duration::from_nanos(shared.work_ns.load(Ordering::Relaxed)));
@@ -649,12 +648,8 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
                 shared.last_sleep_ns.load(Ordering::Relaxed),
             ));
         }
-        seen = shared.state.load(Ordering::SeqCst);
-        since = Instant::now();
-        spinning = LoopState::of(seen) == LoopState::AsleepBusy;
-        if spinning {
-            follow(&mut pinned);
-        }
+        spinning = false;
+        resync = true;
     }
 }
 

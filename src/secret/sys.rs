@@ -1,7 +1,7 @@
 //! Safe wrappers over the process-wide syscalls the crate needs: `prctl` (dumpable), resource
 //! limits (core size, locked memory, open files), `mlockall`, the page size, the
 //! scheduling priority (nice) and, for `busy_poll`'s spinner, the idle scheduling class, the
-//! current core and core affinity. `hardening`, `app` and `busy_poll` call these; nothing
+//! current core, core affinity, the cores online and the thread's CPU time. `hardening`, `app` and `busy_poll` call these; nothing
 //! else in the crate touches libc for them.
 
 use std::io;
