@@ -71,7 +71,8 @@
 //! `LOAD_STEAL_RETRIES` (3) times, keeping the least disturbed), `LOAD_RELAY` (`support`, the
 //! default: the test relay; or `nginx`: Debian's nginx as the relay of the healthy
 //! scenarios, one worker on the load core), `LOAD_RELAY_NICE` (0: the nginx relay's
-//! `worker_priority`), `LOAD_CLIENT` (`wire`, the default, or `hyper`: the load generator's
+//! `worker_priority`), `LOAD_RELAY_KEEPALIVE_REQUESTS` (10 000 000: requests per connection
+//! before the nginx relay rotates it; nginx's own default is 1000), `LOAD_CLIENT` (`wire`, the default, or `hyper`: the load generator's
 //! HTTP/1.1 client).
 
 #[path = "../tests/support/mod.rs"]
@@ -147,6 +148,9 @@ struct Settings {
     client: ClientKind,
     /// `LOAD_RELAY_NICE`: the nginx relay's `worker_priority`.
     relay_nice: i32,
+    /// `LOAD_RELAY_KEEPALIVE_REQUESTS`: requests per connection before the nginx relay
+    /// rotates it (GOAWAY, or `Connection: close` over HTTP/1.1).
+    relay_keepalive_requests: u64,
 }
 
 /// The HTTP/1.1 client of the load generator (`LOAD_CLIENT`).
@@ -290,6 +294,7 @@ impl Settings {
             steal_limit: env_or("LOAD_STEAL_LIMIT", 2.0)? / 100.0,
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
             relay_nice: env_or("LOAD_RELAY_NICE", 0)?,
+            relay_keepalive_requests: env_or("LOAD_RELAY_KEEPALIVE_REQUESTS", 10_000_000)?,
             client: env_choice(
                 "LOAD_CLIENT",
                 "wire",
@@ -326,6 +331,9 @@ impl Settings {
         }
         if !(-20..=19).contains(&settings.relay_nice) {
             return Err("LOAD_RELAY_NICE must be within -20..19".to_owned());
+        }
+        if settings.relay_keepalive_requests == 0 {
+            return Err("LOAD_RELAY_KEEPALIVE_REQUESTS must be at least 1".to_owned());
         }
         Ok(settings)
     }
@@ -1156,9 +1164,9 @@ impl NginxRelay {
             r#"# Written by benches/load.rs: nginx as the relay, one worker on the load core.
 worker_priority {priority};
 {preamble}
-    keepalive_requests 10000000;
+    keepalive_requests {keepalive_requests};
     keepalive_timeout 300s;
-    http2_max_requests 10000000;
+    http2_max_requests {keepalive_requests};
     http2_max_concurrent_streams 256;
     server {{
         listen {addr} ssl http2;
@@ -1176,6 +1184,7 @@ worker_priority {priority};
             cert = cert.display(),
             key = key.display(),
             priority = settings.relay_nice,
+            keepalive_requests = settings.relay_keepalive_requests,
         );
         let path = dir.path().join("relay.conf");
         std::fs::write(&path, config).map_err(|error| error.to_string())?;

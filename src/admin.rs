@@ -437,6 +437,10 @@ fn metrics_response(
         locked_bytes: locked,
         self_check_passed,
         read_ahead_bytes: i64::try_from(state.pool.read_ahead_bytes()).unwrap_or(i64::MAX),
+        relay_request_limit: state
+            .pool
+            .relay_request_limit()
+            .map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX)),
     };
     let openmetrics = state.metrics.encode(&values, pool_only);
     let accept = headers

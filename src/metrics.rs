@@ -58,6 +58,7 @@ struct Inner {
     sent_bytes: Counter,
     upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
     read_ahead: Gauge,
+    relay_request_limit: Gauge,
     secret_reloads: Family<Labels2, Counter>,
     busy_poll_spins: Counter,
     busy_poll_missed: Counter<f64, AtomicU64>,
@@ -142,6 +143,8 @@ pub struct ScrapeValues {
     pub self_check_passed: Option<bool>,
     /// Bytes of HTTP/1.1 answers read ahead and not yet taken by their clients.
     pub read_ahead_bytes: i64,
+    /// The relay's requests-per-connection limit as the pool learned it; 0: not known.
+    pub relay_request_limit: i64,
 }
 
 impl Metrics {
@@ -337,6 +340,14 @@ impl Metrics {
             Unit::Bytes,
             read_ahead.clone(),
         );
+        let relay_request_limit = Gauge::default();
+        pool.register(
+            "upstream_relay_request_limit",
+            "Requests after which the relay rotates each connection (nginx keepalive_requests), \
+             learned from two rotations in a row; the pool dials each replacement a tenth \
+             ahead and sends no connection more (0: not known)",
+            relay_request_limit.clone(),
+        );
         // Every known label value starts at zero, so rates have a baseline from the first scrape.
         for reason in RETRY_REASONS {
             let _ = retries.get_or_create(&[("reason", reason)]);
@@ -386,6 +397,7 @@ impl Metrics {
                 sent_bytes,
                 upstream_latency_p95,
                 read_ahead,
+                relay_request_limit,
                 secret_reloads,
                 busy_poll_spins,
                 busy_poll_missed,
@@ -566,6 +578,7 @@ impl Metrics {
                 .set(*n);
         }
         i.read_ahead.set(v.read_ahead_bytes);
+        i.relay_request_limit.set(v.relay_request_limit);
         i.secure_buffers.set(v.secure_buffers);
         i.locked_bytes.set(v.locked_bytes);
         if let Some(ok) = v.self_check_passed {

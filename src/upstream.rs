@@ -7,6 +7,7 @@ pub mod coalesce;
 pub mod connection;
 pub mod pool;
 pub mod read_ahead;
+pub mod request_limit;
 pub mod retry;
 
 use std::fmt;

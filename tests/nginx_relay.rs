@@ -343,6 +343,113 @@ async fn nginx_rotating_h2_connections_with_goaway_costs_no_request() {
     assert_eq!(ready.status(), 200);
 }
 
+/// Once two connections in a row were rotated after the same number of requests, the pool
+/// knows the relay's limit: it dials each replacement ahead of it and sends no connection
+/// more, so the relay refuses no stream and no request is sent twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_learned_request_limit_rotates_connections_before_the_relay_refuses_any() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 50);
+    let sidecar = sidecar_for(&relay, &pki, 2).await;
+    let limit = "sprint_sidecar_upstream_relay_request_limit";
+    let refused = "sprint_sidecar_upstream_retries_total{reason=\"refused\"}";
+    let reconnects = "sprint_sidecar_upstream_reconnects_total";
+    assert_eq!(
+        metric(&sidecar, limit).await,
+        0.0,
+        "nothing is known at start"
+    );
+    let total = 600;
+    let answered = load(&sidecar, total, 32).await;
+    assert_all_answered(&sidecar, &answered, total, "while the limit is learned");
+    assert_eq!(
+        metric(&sidecar, limit).await,
+        50.0,
+        "nginx's keepalive_requests, learned from its GOAWAYs:\n{}",
+        sidecar.logs().join("\n")
+    );
+    let refused_while_learning = metric(&sidecar, refused).await;
+    assert!(
+        refused_while_learning > 0.0,
+        "the rotations it learned from refused streams"
+    );
+    // Connections dialed before the limit was known may still run into it once.
+    let answered = load(&sidecar, 200, 32).await;
+    assert_all_answered(&sidecar, &answered, 200, "settling");
+    let (refused_before, reconnects_before) = (
+        metric(&sidecar, refused).await,
+        metric(&sidecar, reconnects).await,
+    );
+    let total = 1500;
+    let answered = load(&sidecar, total, 32).await;
+    assert_all_answered(&sidecar, &answered, total, "with the limit known");
+    assert_eq!(
+        metric(&sidecar, refused).await,
+        refused_before,
+        "no stream was refused once the limit was known:\n{}",
+        sidecar.logs().join("\n")
+    );
+    let rotations = metric(&sidecar, reconnects).await - reconnects_before;
+    assert!(
+        rotations >= (total / 50) as f64,
+        "each connection carried at most 50 requests ({rotations} rotations for {total})"
+    );
+    assert!(
+        sidecar
+            .logs()
+            .iter()
+            .any(|l| l.contains("rotates each connection after 50 requests")),
+        "the log says what was learned"
+    );
+    assert_eq!(breaker_openings(&sidecar).await, 0.0);
+}
+
+/// With one connection, rotating ahead of the relay's limit leaves the pool without a
+/// usable connection for a moment whenever the old one runs out before its replacement is
+/// up: requests wait for the replacement, and readiness holds throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_connection_stays_ready_while_rotated_ahead_of_the_limit() {
+    let pki = Pki::new();
+    let relay = NginxRelay::start(pki.clone(), true, 40);
+    let sidecar = sidecar_for(&relay, &pki, 1).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (client, url, stop) = (
+            sidecar.client().clone(),
+            sidecar.admin_url("/ready"),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut probes, mut not_ready) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = client.get(&url).send().await.map(|r| r.status().as_u16());
+                probes += 1;
+                if status.as_ref().ok() != Some(&200) {
+                    not_ready.push(format!("{status:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (probes, not_ready)
+        })
+    };
+    let total = 1600;
+    let answered = load(&sidecar, total, 16).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (probes, not_ready) = probe.await.expect("the probe task does not panic");
+    assert_all_answered(&sidecar, &answered, total, "one connection, rotated");
+    assert_eq!(
+        metric(&sidecar, "sprint_sidecar_upstream_relay_request_limit").await,
+        40.0,
+        "the limit was learned"
+    );
+    assert!(probes > 10, "readiness was probed ({probes} times)");
+    assert!(
+        not_ready.is_empty(),
+        "/ready stayed 200 across {} rotations: {not_ready:?}",
+        metric(&sidecar, "sprint_sidecar_upstream_reconnects_total").await
+    );
+}
+
 /// nginx sends its answers' header fields as literals, each time anew (`server`, `date`,
 /// `content-type`, `content-length`), and the sidecar's HTTP/2 decoder keeps the last value
 /// of each such field to skip decoding it again (vendor/h2, PATCHES.md). Values that repeat,

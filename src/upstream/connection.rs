@@ -3,8 +3,8 @@
 //! stats the pool and the admin API read.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::UpstreamError;
 use super::coalesce::Coalesce;
 use super::read_ahead;
+use super::request_limit::{self, RequestLimit};
 use crate::config::{Config, Endpoint};
 use crate::latency::LatencyWindow;
 use crate::tls::{TlsSetup, describe_handshake_error};
@@ -104,6 +105,10 @@ pub struct PoolShared {
     pub totals: Arc<ByteTotals>,
     /// The read-ahead budget of HTTP/1.1 answers (see [`read_ahead`]).
     pub read_ahead: Arc<read_ahead::Budget>,
+    /// The relay's requests-per-connection limit, as far as it is known (see
+    /// [`request_limit`]): new h2 connections are held to it, and connections the relay
+    /// rotated report what they carried.
+    pub request_limit: Arc<Mutex<RequestLimit>>,
 }
 
 /// A request body on its way over an HTTP/1.1 connection: counts each piece as hyper takes
@@ -186,7 +191,22 @@ pub struct Connection {
     body_idle_timeout: Duration,
     /// The pool's read-ahead budget for HTTP/1.1 answers.
     read_ahead: Arc<read_ahead::Budget>,
+    /// Requests it may still take under the relay's learned request limit ([`NO_BUDGET`]:
+    /// none is known); at 0 it drains.
+    request_budget: AtomicU64,
+    /// The budget left at which [`Connection::rotation_due`] fires, so the pool dials the
+    /// replacement while this connection still serves.
+    rotate_when_left: u64,
+    rotation_due: Notify,
+    /// The lowest stream id the relay refused with a graceful GOAWAY (`u32::MAX`: none): the
+    /// relay processed every stream below it.
+    first_refused_id: AtomicU32,
+    /// Where that count is reported when the connection is gone (see [`PoolShared`]).
+    request_limit: Arc<Mutex<RequestLimit>>,
 }
+
+/// [`Connection::request_budget`] when no request limit is known.
+const NO_BUDGET: u64 = u64::MAX;
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -310,9 +330,55 @@ impl Connection {
         self.max_streams.load(Ordering::Relaxed)
     }
 
-    /// Takes a request slot without waiting.
+    /// Takes a request slot without waiting, and one request of the budget under the
+    /// relay's request limit, if one is known.
     pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.spend_request_budget().then_some(permit)
+    }
+
+    /// Counts one more request against the relay's request limit; `false` when the
+    /// connection has carried all it may. Fires [`Connection::rotation_due`] a tenth of the
+    /// limit ahead, and drains the connection with its last request.
+    fn spend_request_budget(&self) -> bool {
+        let spent =
+            self.request_budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    if left == NO_BUDGET {
+                        None
+                    } else {
+                        left.checked_sub(1)
+                    }
+                });
+        match spent {
+            Err(NO_BUDGET) => true,
+            Err(_) => {
+                self.start_draining();
+                false
+            }
+            Ok(before) => {
+                let left = before - 1;
+                if left == self.rotate_when_left {
+                    self.rotation_due.notify_one();
+                }
+                if left == 0 {
+                    self.start_draining();
+                }
+                true
+            }
+        }
+    }
+
+    /// Whether the connection has carried all the requests the relay's limit allows: its
+    /// replacement is on the way (see [`Connection::rotation_due`]).
+    pub fn is_spent(&self) -> bool {
+        self.request_budget.load(Ordering::Relaxed) == 0
+    }
+
+    /// Resolves when the connection nears the relay's request limit: time to dial its
+    /// replacement. Never resolves while no limit is known.
+    pub async fn rotation_due(&self) {
+        self.rotation_due.notified().await;
     }
 
     /// Last PING round trip.
@@ -456,6 +522,7 @@ impl Connection {
                 }
                 h2_error(&e, true)
             })?;
+        let stream_id = u32::from(response.stream_id());
         let mut pump = None;
         if !end {
             match body {
@@ -475,6 +542,11 @@ impl Connection {
             if e.is_go_away() && e.is_remote() {
                 // The relay is closing this connection: no new streams; the pool re-dials.
                 self.mark_closed();
+                if is_orderly_refusal(&e) {
+                    // It processed every stream below this one (see `request_limit`).
+                    self.first_refused_id
+                        .fetch_min(stream_id, Ordering::Relaxed);
+                }
             }
             h2_error(&e, false)
         })?;
@@ -1057,6 +1129,16 @@ impl Connection {
     ) -> Self {
         let stats = ConnectionStats::default();
         stats.ping_rtt_us.store(u64::MAX, Ordering::Relaxed);
+        // Only HTTP/2 is held to a limit: an HTTP/1.1 relay announces the end of a kept-alive
+        // connection on its last answer (`Connection: close`), so no request is refused.
+        let limit = match protocol {
+            Protocol::H2 => shared
+                .request_limit
+                .lock()
+                .ok()
+                .and_then(|l| l.limit(Instant::now())),
+            Protocol::Http1 => None,
+        };
         Connection {
             protocol,
             connected_at: SystemTime::now(),
@@ -1076,6 +1158,37 @@ impl Connection {
             freed,
             body_idle_timeout,
             read_ahead: shared.read_ahead.clone(),
+            request_budget: AtomicU64::new(limit.unwrap_or(NO_BUDGET)),
+            rotate_when_left: limit.map_or(0, |l| l - request_limit::rotate_at(l)),
+            rotation_due: Notify::new(),
+            first_refused_id: AtomicU32::new(u32::MAX),
+            request_limit: shared.request_limit.clone(),
+        }
+    }
+}
+
+impl Drop for Connection {
+    /// A connection the relay rotated with a graceful GOAWAY reports how many requests it
+    /// processed: streams are numbered 1, 3, 5, … and every one below the first refused
+    /// was processed. Counted here, when every stream has ended, so no refusal is missed.
+    fn drop(&mut self) {
+        let first_refused = *self.first_refused_id.get_mut();
+        if first_refused == u32::MAX {
+            return;
+        }
+        let processed = u64::from(first_refused.saturating_sub(1) / 2);
+        let learned = self
+            .request_limit
+            .lock()
+            .ok()
+            .and_then(|mut l| l.observe(processed, Instant::now()));
+        if let Some(limit) = learned {
+            tracing::info!(
+                limit,
+                rotate_at = request_limit::rotate_at(limit),
+                "the relay rotates each connection after {limit} requests; the pool now \
+                 dials each replacement ahead of that and sends no connection more"
+            );
         }
     }
 }

@@ -160,14 +160,16 @@ impl Slot {
     }
 
     /// The relay closed this slot's connection after it served, and the slot re-dials at
-    /// once (or is about to: the supervisor decides as [`replaced_at_once`] does); requests
-    /// wait for the replacement meanwhile.
+    /// once (or is about to: the supervisor decides as [`replaced_at_once`] does), or the
+    /// connection carried all the relay's request limit allows and its replacement is on the
+    /// way (the supervisor may not have run yet); requests wait for the replacement
+    /// meanwhile.
     fn being_replaced(&self) -> bool {
         self.replacing.load(Ordering::Relaxed)
             || (self.state() != SlotState::Backoff
                 && self
                     .connection()
-                    .is_some_and(|c| c.is_closed() && replaced_at_once(&c)))
+                    .is_some_and(|c| (c.is_closed() && replaced_at_once(&c)) || c.is_spent()))
     }
 }
 
@@ -295,6 +297,7 @@ impl Pool {
                 cfg.upstream.http1_read_ahead_bytes,
                 cfg.upstream.http1_read_ahead_total_bytes,
             )),
+            request_limit: Arc::default(),
         };
         let loops = cfg.runtime.event_loops(cfg.pool.size.get());
         let slots = (0..cfg.pool.size.get())
@@ -687,6 +690,16 @@ impl Pool {
         self.shared.read_ahead.held()
     }
 
+    /// The relay's requests-per-connection limit, once two rotations in a row showed it
+    /// (see [`super::request_limit`]).
+    pub fn relay_request_limit(&self) -> Option<u64> {
+        self.shared
+            .request_limit
+            .lock()
+            .ok()
+            .and_then(|l| l.limit(Instant::now()))
+    }
+
     /// Graceful close at shutdown: no new requests, in-flight ones finish (until
     /// `deadline`), then every connection is dropped, which sends HTTP/2 GOAWAY.
     pub async fn close(&self, deadline: Instant) {
@@ -851,6 +864,16 @@ async fn supervise(
                     }
                     _ = tokio::time::sleep(age) => {
                         info!(age_secs = age.as_secs(), "rotating relay connection");
+                        backoff.reset();
+                        None
+                    }
+                    _ = conn.rotation_due() => {
+                        // Near the relay's request limit (`request_limit`): the replacement
+                        // is dialed while this one serves its last requests, so the relay
+                        // refuses none and no request waits for a handshake. Requests wait
+                        // for the replacement should this one run out first.
+                        debug!("rotating relay connection ahead of the relay's request limit");
+                        slot.replacing.store(true, Ordering::Relaxed);
                         backoff.reset();
                         None
                     }
