@@ -13,8 +13,9 @@
 # write system calls per request (/proc/PID/io), how often the proxy was preempted per request
 # (involuntary context switches), how much of the machine stayed idle during its windows
 # (/proc/stat), wrk's own CPU per 10 000 requests (the shell's `times` for its child), the
-# total of proxy, relay and wrk (all the work one request costs on this machine), and the
-# ratios.
+# total of proxy, relay and wrk (all the work one request costs on this machine), the
+# ratios, and per sidecar what the relay's rotations cost it (requests refused and sent again,
+# reconnects, the request limit it learned).
 #
 # Run: benches/wrk-side-by-side.sh  (needs Debian nginx, wrk, openssl, python3 and
 # `cargo build --release` first). Environment: SECONDS_PER_WINDOW (8), ROUNDS (4),
@@ -117,8 +118,10 @@ peer() { # NAME WORKERS PORT
         }
     }"
 }
-sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE [BUSY_POLL [NICE]]]
+sidecar() { # NAME WORKER_THREADS PORT [POOL_SIZE [BUSY_POLL [NICE]]] (BUSY_POLL "": the default)
     mkdir -p "$dir/$1"
+    local busy_poll=""
+    [ -n "${5:-}" ] && busy_poll="busy_poll = \"$5\""
     cat >"$dir/$1/sidecar.toml" <<EOF
 [listener]
 address = "127.0.0.1:$3"
@@ -133,8 +136,8 @@ auth_token_file = "$dir/token"
 size = ${4:-4}
 [runtime]
 worker_threads = $2
-busy_poll = "${5:-200us}"
 nice = ${6:--5}
+$busy_poll
 EOF
     "$bin" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
     pids+=($!)
@@ -157,7 +160,7 @@ fi
 if [ "${NICE_ZERO:-1}" = 1 ]; then
     names+=(sidecar-nice-0)
     port[sidecar-nice-0]=$((base + offset))
-    sidecar sidecar-nice-0 1 $((base + offset)) 4 200us 0
+    sidecar sidecar-nice-0 1 $((base + offset)) 4 "" 0
     offset=$((offset + 10))
 fi
 if [ "${NGINX_PRIORITY:-1}" = 1 ]; then
@@ -298,3 +301,16 @@ for s in [k for k in mean if k.startswith("sidecar")]:
         r = {m: mean[s][m] / mean[n][m] for m in ("rps", "p99", "cpu")}
         print(f"  {s} / {n:10}  req/s {r['rps']:.2f}  p99 {r['p99']:.2f}  CPU/request {r['cpu']:.2f}")
 EOF
+# What the relay's connection rotations cost each sidecar over the whole run (the relay rotates
+# every RELAY_KEEPALIVE_REQUESTS; once the pool has learned that limit it rotates first).
+echo
+echo "relay rotations (whole run)"
+for name in "${names[@]}"; do
+    [[ $name == sidecar* ]] || continue
+    curl -s "http://127.0.0.1:$((port[$name] + 1))/metrics" | awk -v n="$name" '
+        /^sprint_sidecar_requests_total/ { q += $2 }
+        /^sprint_sidecar_upstream_retries_total\{reason="refused"\}/ { r = $2 }
+        /^sprint_sidecar_upstream_reconnects_total / { c = $2 }
+        /^sprint_sidecar_upstream_relay_request_limit / { l = $2 }
+        END { printf "  %-18s %d requests, %d refused by the relay and sent again, %d reconnects, learned limit %d\n", n, q, r, c, l }'
+done
