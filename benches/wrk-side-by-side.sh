@@ -34,7 +34,10 @@
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
 # HAPROXY (0; 1: two more peers, Debian's HAProxy with `nbthread 1`, `http-reuse always` and
 # `ssl verify required`, speaking to the relay over h2 (`haproxy-h2`, `alpn h2`) and over
-# HTTP/1.1 (`haproxy-h1`), to tell what the relay's protocol costs from what a proxy costs).
+# HTTP/1.1 (`haproxy-h1`), to tell what the relay's protocol costs from what a proxy costs),
+# CLIENT (wrk; h2load: nghttp2's h2load drives instead, one h2c connection per client with one
+# stream at a time, `-m1`, so the proxies answer HTTP/2 without TLS, nginx with `listen ... http2`;
+# p99 comes from h2load's per-request log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 window=${SECONDS_PER_WINDOW:-8}
@@ -47,7 +50,14 @@ base=${PORT_BASE:-18000}
 relay_keepalive_requests=${RELAY_KEEPALIVE_REQUESTS:-1000}
 nginx=${NGINX:-/usr/sbin/nginx}
 haproxy=${HAPROXY_BIN:-/usr/sbin/haproxy}
-tools=("$nginx" wrk openssl python3 "$bin")
+# CLIENT=h2load: the clients speak h2c (prior knowledge), so nginx peers listen with http2.
+client=${CLIENT:-wrk}
+case $client in
+wrk) listen_h2c="" curl_h2c=() ;;
+h2load) listen_h2c=" http2" curl_h2c=(--http2-prior-knowledge) ;;
+*) echo "wrk-side-by-side: CLIENT must be wrk or h2load" >&2; exit 2 ;;
+esac
+tools=("$nginx" "$client" openssl python3 "$bin")
 [ "${HAPROXY:-0}" = 1 ] && tools+=("$haproxy")
 for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || { echo "wrk-side-by-side: $tool not found" >&2; exit 2; }
@@ -105,7 +115,7 @@ nginx_conf relay 1 "    server {
 peer() { # NAME WORKERS PORT
     nginx_conf "$1" "$2" "    upstream relay { server 127.0.0.1:$relay_port; keepalive 64; keepalive_requests 10000000; }
     server {
-        listen 127.0.0.1:$3;
+        listen 127.0.0.1:$3$listen_h2c;
         location / {
             proxy_pass https://relay;
             proxy_http_version 1.1;
@@ -226,9 +236,10 @@ wrk.method = "POST"
 wrk.body = '{"jsonrpc":"2.0","id":1,"method":"getblockhash","params":[840000]}                                  '
 wrk.headers["Content-Type"] = "application/json"
 EOF
+printf '%s' '{"jsonrpc":"2.0","id":1,"method":"getblockhash","params":[840000]}                                  ' >"$dir/body.json"
 for name in "${names[@]}"; do # every proxy answers before the windows start
     for _ in $(seq 50); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{}' "http://127.0.0.1:${port[$name]}/" || true)
+        code=$(curl "${curl_h2c[@]}" -s -o /dev/null -w '%{http_code}' -X POST -d '{}' "http://127.0.0.1:${port[$name]}/" || true)
         [ "$code" = 200 ] && break
         sleep 0.2
     done
@@ -246,7 +257,7 @@ if [ "${PIN:-0}" = 1 ]; then
     wrk_cmd=(taskset -c 1 wrk)
     pinning="proxies pinned to core 0, relay and wrk to core 1"
 fi
-echo "wrk -t$wrk_threads -c$connections, $rounds rounds of ${window} s per proxy, interleaved; $(nproc) cores, $pinning"
+echo "$client -t$wrk_threads -c$connections, $rounds rounds of ${window} s per proxy, interleaved; $(nproc) cores, $pinning"
 results="$dir/results"
 for round in $(seq "$rounds"); do
     for name in "${names[@]}"; do
@@ -258,17 +269,32 @@ for round in $(seq "$rounds"); do
         preempted_before=$(preempted "$p")
         read -r idle0 total0 <<<"$(machine)"
         # `times` in the same subshell: its second line is wrk's user and system time.
-        out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/"; times)
+        if [ "$client" = h2load ]; then
+            # One stream per connection, like wrk's one request per connection; p99 from the
+            # per-request log (third column: microseconds).
+            rm -f "$dir/latency.log"
+            out=$("${wrk_cmd[@]/#wrk/h2load}" -t"$wrk_threads" -c"$connections" -m1 -D "$window" --warm-up-time=1 -d "$dir/body.json" -H 'content-type: application/json' --log-file="$dir/latency.log" "http://127.0.0.1:${port[$name]}/"; times)
+        else
+            out=$("${wrk_cmd[@]}" -t"$wrk_threads" -c"$connections" -d"${window}s" --latency -s "$dir/post.lua" "http://127.0.0.1:${port[$name]}/"; times)
+        fi
         wrk_ms=$(tail -n 1 <<<"$out" | awk '{t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] } printf "%d", t * 1000}')
         after=$(ticks "$p")
         relay_after=$(ticks "$r")
         read -r relay_r1 relay_w1 <<<"$(syscalls "$r")"
         preempted_after=$(preempted "$p")
         read -r idle1 total1 <<<"$(machine)"
-        requests=$(awk '/requests in/ {print $1}' <<<"$out")
-        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-        p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-        errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
+        if [ "$client" = h2load ]; then
+            requests=$(awk '/^requests:/ {print $8}' <<<"$out")
+            rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+            p99=$(awk '{print $3}' "$dir/latency.log" | sort -n | awk '{v[NR] = $1} END {printf "%dus", v[int(NR * 0.99)]}')
+            errors=$(awk '/^requests:/ {print $10 + $12 + $14}' <<<"$out")
+            errors=$((errors + $(awk '/^status codes:/ {print $5 + $7 + $9}' <<<"$out")))
+        else
+            requests=$(awk '/requests in/ {print $1}' <<<"$out")
+            rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+            p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+            errors=$(grep -cE 'Non-2xx|Socket errors' <<<"$out" || true)
+        fi
         rss=$(for q in $p; do awk '/VmHWM/ {print $2}' "/proc/$q/status"; done | awk '{s += $1} END {print s}')
         echo "$round $name $rps $p99 $((after - before)) $requests $errors $rss $((relay_after - relay_before)) $((relay_r1 - relay_r0)) $((relay_w1 - relay_w0)) $((preempted_after - preempted_before)) $((idle1 - idle0)) $((total1 - total0)) $wrk_ms" |
             tee -a "$results"
