@@ -72,7 +72,12 @@
 //! default: the test relay; or `nginx`: Debian's nginx as the relay of the healthy
 //! scenarios, one worker on the load core), `LOAD_RELAY_NICE` (0: the nginx relay's
 //! `worker_priority`), `LOAD_RELAY_KEEPALIVE_REQUESTS` (10 000 000: requests per connection
-//! before the nginx relay rotates it; nginx's own default is 1000), `LOAD_CLIENT` (`wire`, the default, or `hyper`: the load generator's
+//! before the nginx relay rotates it; nginx's own default is 1000), `LOAD_PROFILE` (a
+//! directory: each healthy window's answered requests are appended to
+//! `<scenario>.samples` there, one `completion-µs latency-µs relay-connection` line each, in
+//! completion order, and each scenario's latency quantiles from p1 to p99.9 are printed; to
+//! tell a tail of rare stalls, which hit every request in flight at once, from a wider
+//! spread), `LOAD_CLIENT` (`wire`, the default, or `hyper`: the load generator's
 //! HTTP/1.1 client).
 
 #[path = "../tests/support/mod.rs"]
@@ -151,6 +156,9 @@ struct Settings {
     /// `LOAD_RELAY_KEEPALIVE_REQUESTS`: requests per connection before the nginx relay
     /// rotates it (GOAWAY, or `Connection: close` over HTTP/1.1).
     relay_keepalive_requests: u64,
+    /// `LOAD_PROFILE`: a directory for every healthy window's samples, and a latency profile
+    /// per scenario on stderr.
+    profile: Option<PathBuf>,
 }
 
 /// The HTTP/1.1 client of the load generator (`LOAD_CLIENT`).
@@ -295,6 +303,7 @@ impl Settings {
             steal_retries: env_or("LOAD_STEAL_RETRIES", 3)?,
             relay_nice: env_or("LOAD_RELAY_NICE", 0)?,
             relay_keepalive_requests: env_or("LOAD_RELAY_KEEPALIVE_REQUESTS", 10_000_000)?,
+            profile: std::env::var_os("LOAD_PROFILE").map(PathBuf::from),
             client: env_choice(
                 "LOAD_CLIENT",
                 "wire",
@@ -832,6 +841,58 @@ impl Window {
     }
 }
 
+/// `LOAD_PROFILE`: appends a window's answered requests to `<dir>/<scenario>.samples`, in
+/// completion order.
+fn append_samples(dir: &Path, name: &str, samples: &[Sample], window: &Window) {
+    use std::io::Write;
+    let file_name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!("{file_name}.samples"));
+    let mut answered: Vec<&Sample> = samples
+        .iter()
+        .filter(|sample| sample.ok && window.contains(sample))
+        .collect();
+    answered.sort_unstable_by_key(|sample| sample.done_us);
+    let mut out = String::with_capacity(answered.len() * 20);
+    for sample in answered {
+        out.push_str(&format!(
+            "{} {} {}\n",
+            sample.done_us, sample.latency_us, sample.relay_connection
+        ));
+    }
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(out.as_bytes()));
+    if let Err(error) = written {
+        eprintln!(
+            "[load] LOAD_PROFILE: cannot write {}: {error}",
+            path.display()
+        );
+    }
+}
+
+/// `LOAD_PROFILE`: a scenario's latency quantiles over all its rounds.
+fn print_profile(m: &Measured) {
+    let quantiles = [
+        0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999,
+    ];
+    let profile: Vec<String> = quantiles
+        .iter()
+        .map(|&q| format!("p{}={:.2}", q * 100.0, quantile_ms(&m.latencies_us, q)))
+        .collect();
+    eprintln!("[profile] {}: {} ms", m.name, profile.join(" "));
+}
+
 fn summarise(samples: &[Sample], window: &Window) -> (u64, u64, Vec<u32>) {
     let inside: Vec<&Sample> = samples
         .iter()
@@ -988,6 +1049,9 @@ async fn measure(
         seconds: window_seconds,
     };
     let (requests, errors, latencies) = summarise(&samples, &window);
+    if let Some(dir) = &settings.profile {
+        append_samples(dir, name, &samples, &window);
+    }
     Measured {
         name: name.to_owned(),
         requests,
@@ -2066,7 +2130,11 @@ async fn run(settings: Settings, cores: usize) -> Result<(), String> {
         .iter()
         .map(|name| {
             let rounds: Vec<&Measured> = runs.iter().filter(|m| m.name == *name).collect();
-            Measured::pooled(name, &rounds)
+            let pooled = Measured::pooled(name, &rounds);
+            if settings.profile.is_some() {
+                print_profile(&pooled);
+            }
+            pooled
         })
         .collect();
     for keepalive in &settings.nginx_slow_keepalives {

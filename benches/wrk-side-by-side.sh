@@ -29,7 +29,8 @@
 # to show what the scheduling priority brings where it applies (root or CAP_SYS_NICE); 0: leave
 # it out), NGINX_PRIORITY (1: one more nginx `1`, nginx-1-prio, with `worker_priority -5`, the
 # same priority for the peer; 0: leave it out),
-# RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
+# ALT_BIN (empty; a path: one more default sidecar, sidecar-alt, run from that binary, e.g. a
+# build before a change), RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
 # HAPROXY (0; 1: two more peers, Debian's HAProxy with `nbthread 1`, `http-reuse always` and
@@ -149,7 +150,7 @@ worker_threads = $2
 nice = ${6:--5}
 $busy_poll
 EOF
-    "$bin" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
+    "${sidecar_bin:-$bin}" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
     pids+=($!)
     echo $! >"$dir/$1/pid"
 }
@@ -177,6 +178,12 @@ if [ "${NGINX_PRIORITY:-1}" = 1 ]; then
     names+=(nginx-1-prio)
     port[nginx-1-prio]=$((base + offset))
     peer nginx-1-prio "1; worker_priority -5" $((base + offset))
+    offset=$((offset + 10))
+fi
+if [ -n "${ALT_BIN:-}" ]; then
+    names+=(sidecar-alt)
+    port[sidecar-alt]=$((base + offset))
+    sidecar_bin=$(realpath "$ALT_BIN") sidecar sidecar-alt 1 $((base + offset))
     offset=$((offset + 10))
 fi
 for size in ${POOL_SIZES:-}; do
