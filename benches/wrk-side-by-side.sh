@@ -25,12 +25,12 @@
 # BUSY_POLL_OFF (1: one more default sidecar, sidecar-no-busy-poll, with `runtime.busy_poll =
 # "0s"`, to show what busy polling brings; 0: leave it out; where the default sidecar's
 # priority is raised, busy polling stands down, so this peer runs as the default does),
-# NICE_ZERO (1: one more default sidecar, sidecar-nice-0, with `runtime.nice = 0` instead of -10,
+# NICE_ZERO (1: one more default sidecar, sidecar-nice-0, with `runtime.nice = 0` instead of -5,
 # to show what the scheduling priority brings where it applies (root or CAP_SYS_NICE); 0: leave
 # it out), NGINX_PRIORITY (1: one more nginx `1`, nginx-1-prio, with `worker_priority -5`, the
 # same priority for the peer; 0: leave it out),
 # ALT_BIN (empty; a path: one more default sidecar, sidecar-alt, run from that binary, e.g. a
-# build before a change; ALT_NICE: its runtime.nice instead of -10), RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
+# build before a change), RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
 # HAPROXY (0; 1: two more peers, Debian's HAProxy with `nbthread 1`, `http-reuse always` and
@@ -147,7 +147,7 @@ auth_token_file = "$dir/token"
 size = ${4:-4}
 [runtime]
 worker_threads = $2
-nice = ${6:--10}
+nice = ${6:--5}
 $busy_poll
 EOF
     "${sidecar_bin:-$bin}" --config "$dir/$1/sidecar.toml" run >"$dir/$1/log" 2>&1 &
@@ -183,7 +183,7 @@ fi
 if [ -n "${ALT_BIN:-}" ]; then
     names+=(sidecar-alt)
     port[sidecar-alt]=$((base + offset))
-    sidecar_bin=$(realpath "$ALT_BIN") sidecar sidecar-alt 1 $((base + offset)) 4 "" "${ALT_NICE:--10}"
+    sidecar_bin=$(realpath "$ALT_BIN") sidecar sidecar-alt 1 $((base + offset))
     offset=$((offset + 10))
 fi
 for size in ${POOL_SIZES:-}; do

@@ -551,7 +551,7 @@ async fn check_config_says_whether_the_priority_can_be_raised_here() {
     assert_accepted(&refused);
     assert!(
         refused.stdout.contains(
-            "# scheduling priority: nice -10 (runtime.nice); NOT permitted here (needs root, \
+            "# scheduling priority: nice -5 (runtime.nice); NOT permitted here (needs root, \
              CAP_SYS_NICE or RLIMIT_NICE): would run at nice 0"
         ),
         "{}",
@@ -582,7 +582,7 @@ async fn check_config_says_whether_the_priority_can_be_raised_here() {
         assert!(
             raised
                 .stdout
-                .contains("# scheduling priority: nice -10 (runtime.nice); permitted here"),
+                .contains("# scheduling priority: nice -5 (runtime.nice); permitted here"),
             "{}",
             raised.stdout
         );
@@ -595,17 +595,17 @@ async fn check_config_says_whether_the_priority_can_be_raised_here() {
 async fn every_thread_runs_at_runtime_nice() {
     let relay = support::Relay::builder().start().await;
     // Lowering the priority needs no privilege, so this part runs anywhere; raising it
-    // (the default, -10) needs root or CAP_SYS_NICE.
+    // (the default, -5) needs root or CAP_SYS_NICE.
     let mut cases: Vec<i32> = vec![7];
     if may_raise_priority() {
-        cases.push(-10);
+        cases.push(-5);
     }
     for nice in cases {
         let mut builder = support::Sidecar::builder()
             .relay(&relay)
             .set("runtime", "worker_threads", "2")
             .set("pool", "size", "2");
-        if nice != -10 {
+        if nice != -5 {
             builder = builder.set("runtime", "nice", &nice.to_string());
         }
         let sidecar = builder.start().await;

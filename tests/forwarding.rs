@@ -311,7 +311,7 @@ const SPINNER_THREAD: &str = "sidecar-spin";
 
 /// Busy polling (`runtime.busy_poll`, on by default) spins in a thread of the idle
 /// scheduling class, so it takes no CPU that anything else wants: whatever the priority
-/// (`runtime.nice` -10 by default, in effect where it may be raised) and however many cores,
+/// (`runtime.nice` -5 by default, in effect where it may be raised) and however many cores,
 /// a loaded loop's sleeps are spun through, and every other thread keeps the normal class.
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_spins_in_the_idle_class_at_any_priority() {
