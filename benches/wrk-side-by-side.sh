@@ -30,7 +30,7 @@
 # it out), NGINX_PRIORITY (1: one more nginx `1`, nginx-1-prio, with `worker_priority -5`, the
 # same priority for the peer; 0: leave it out),
 # ALT_BIN (empty; a path: one more default sidecar, sidecar-alt, run from that binary, e.g. a
-# build before a change), RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
+# build before a change; ALT_NICE: its runtime.nice instead of -5), RELAY_KEEPALIVE_REQUESTS (1000, nginx's default), PIN (0; 1: like benches/load.rs, every
 # proxy on core 0, the relay and a one-thread wrk on core 1, so each proxy has one core to
 # itself and the relay's cost shows as the load core's limit; needs taskset and 2+ cores),
 # HAPROXY (0; 1: two more peers, Debian's HAProxy with `nbthread 1`, `http-reuse always` and
@@ -183,7 +183,7 @@ fi
 if [ -n "${ALT_BIN:-}" ]; then
     names+=(sidecar-alt)
     port[sidecar-alt]=$((base + offset))
-    sidecar_bin=$(realpath "$ALT_BIN") sidecar sidecar-alt 1 $((base + offset))
+    sidecar_bin=$(realpath "$ALT_BIN") sidecar sidecar-alt 1 $((base + offset)) 4 "" "${ALT_NICE:--5}"
     offset=$((offset + 10))
 fi
 for size in ${POOL_SIZES:-}; do
