@@ -111,6 +111,16 @@ pub struct PoolShared {
     pub request_limit: Arc<Mutex<RequestLimit>>,
 }
 
+impl PoolShared {
+    /// The relay's requests-per-connection limit, if known and not yet due for a check.
+    pub fn relay_request_limit(&self) -> Option<u64> {
+        self.request_limit
+            .lock()
+            .ok()
+            .and_then(|l| l.limit(Instant::now()))
+    }
+}
+
 /// A request body on its way over an HTTP/1.1 connection: counts each piece as hyper takes
 /// it to write (HTTP/2 counts where it hands pieces to the stream).
 struct SentBody {
@@ -352,10 +362,8 @@ impl Connection {
                 });
         match spent {
             Err(NO_BUDGET) => true,
-            Err(_) => {
-                self.start_draining();
-                false
-            }
+            // Spent: it began draining with its last request.
+            Err(_) => false,
             Ok(before) => {
                 let left = before - 1;
                 if left == self.rotate_when_left {
@@ -1132,11 +1140,7 @@ impl Connection {
         // Only HTTP/2 is held to a limit: an HTTP/1.1 relay announces the end of a kept-alive
         // connection on its last answer (`Connection: close`), so no request is refused.
         let limit = match protocol {
-            Protocol::H2 => shared
-                .request_limit
-                .lock()
-                .ok()
-                .and_then(|l| l.limit(Instant::now())),
+            Protocol::H2 => shared.relay_request_limit(),
             Protocol::Http1 => None,
         };
         Connection {

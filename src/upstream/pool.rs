@@ -693,11 +693,7 @@ impl Pool {
     /// The relay's requests-per-connection limit, once two rotations in a row showed it
     /// (see [`super::request_limit`]).
     pub fn relay_request_limit(&self) -> Option<u64> {
-        self.shared
-            .request_limit
-            .lock()
-            .ok()
-            .and_then(|l| l.limit(Instant::now()))
+        self.shared.relay_request_limit()
     }
 
     /// Graceful close at shutdown: no new requests, in-flight ones finish (until
