@@ -14,6 +14,52 @@ use std::ops::ControlFlow;
 
 type EncodeBuf<'a> = bytes::buf::Limit<&'a mut BytesMut>;
 
+// sprint-sidecar patch (PATCHES.md): the `:path` and `:authority` of the last request this
+// thread built, so that a client sending request after request to the same place (a proxy
+// to one relay) reuses their bytes instead of copying each into a new allocation. A value
+// is reused only when it is byte for byte the one asked for.
+std::thread_local! {
+    static RECENT: std::cell::RefCell<RecentPseudo> = const {
+        std::cell::RefCell::new(RecentPseudo {
+            path: Recent { value: None },
+            authority: Recent { value: None },
+        })
+    };
+}
+
+struct RecentPseudo {
+    path: Recent,
+    authority: Recent,
+}
+
+/// One remembered pseudo-header value.
+struct Recent {
+    value: Option<BytesStr>,
+}
+
+impl Recent {
+    /// Longest value remembered; longer ones are copied every time.
+    const MAX_LEN: usize = 256;
+
+    /// `value` as a `BytesStr`: the remembered one when it is the same, else a copy, which
+    /// is remembered unless it is long or carries a query. A query is where a client may put
+    /// a key of its own, and a remembered value outlives its request.
+    fn get(&mut self, value: &str) -> BytesStr {
+        if let Some(recent) = &self.value {
+            if recent.as_str() == value {
+                return recent.clone();
+            }
+        }
+        let copy = BytesStr::from(value);
+        if value.len() <= Self::MAX_LEN && !value.contains('?') {
+            self.value = Some(copy.clone());
+        } else {
+            self.value = None;
+        }
+        copy
+    }
+}
+
 const MAX_HEADER_LIST_ABUSE_MULTIPLIER: usize = 4;
 
 /// Header frame
@@ -567,9 +613,11 @@ impl Pseudo {
         let (scheme, path) = if method == Method::CONNECT && protocol.is_none() {
             (None, None)
         } else {
+            // sprint-sidecar patch (PATCHES.md): the path is reused from the request
+            // before when it is the same (no copy, no allocation).
             let path = parts
                 .path_and_query
-                .map(|v| BytesStr::from(v.as_str()))
+                .map(|v| RECENT.with(|r| r.borrow_mut().path.get(v.as_str())))
                 .unwrap_or(BytesStr::from_static(""));
 
             let path = if !path.is_empty() {
@@ -600,7 +648,9 @@ impl Pseudo {
         // If the URI includes an authority component, add it to the pseudo
         // headers
         if let Some(authority) = parts.authority {
-            pseudo.set_authority(BytesStr::from(authority.as_str()));
+            // sprint-sidecar patch (PATCHES.md): as for the path.
+            let authority = RECENT.with(|r| r.borrow_mut().authority.get(authority.as_str()));
+            pseudo.set_authority(authority);
         }
 
         pseudo
