@@ -401,11 +401,10 @@ impl Connection {
     /// body holds until it ends so an HTTP/1.1 connection takes one request at a time.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<AttemptBody>,
+        mut req: Request<AttemptBody>,
         permit: OwnedSemaphorePermit,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let guard = InFlight::new(self.clone(), permit);
-        let mut req = req;
         self.prepare(&mut req);
         match &self.sender {
             Sender::H2(sender) => self.send_h2(sender.clone(), req, guard).await,
