@@ -2477,3 +2477,39 @@ async fn a_small_body_arriving_in_pieces_is_joined_and_one_that_stops_gets_408()
         "nothing was sent to the relay"
     );
 }
+
+// ---- a request its client gives up on ----
+
+/// An h2c client that resets its stream while the relay has not answered yet: hyper drops
+/// the request's future at its `.await`, and the in-flight gauge must still count it out
+/// (it used to be taken back only after the `.await`, so each such request stayed counted).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_its_h2c_client_resets_leaves_the_in_flight_gauge() {
+    let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("an h2c client");
+    let gauge = "sprint_sidecar_in_flight_requests";
+    for _ in 0..3 {
+        let request = client.get(sidecar.data_url("/delay/3000")).send();
+        // Dropping the pending response resets the stream (RST_STREAM CANCEL).
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), request).await;
+        assert!(gave_up.is_err(), "the relay answers only after 3 s");
+    }
+    assert_eq!(relay.requests().len(), 3, "all three reached the relay");
+    support::eventually(
+        support::EVENTUALLY,
+        "no request counted in flight once their clients gave up",
+        || async { (sidecar.metric(gauge).await == 0.0).then_some(()) },
+    )
+    .await;
+    // And one that is answered is counted out as before.
+    let answered = client
+        .get(sidecar.data_url("/"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(answered.status(), 200);
+    assert_eq!(sidecar.metric(gauge).await, 0.0);
+}
