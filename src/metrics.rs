@@ -45,6 +45,7 @@ struct Inner {
     retries: Family<Labels1, Counter>,
     retry_budget_exhausted: Counter,
     in_flight: Gauge,
+    abandoned: Counter,
     client_connections: Gauge,
     client_connections_total: Counter,
     upstream_connections: Family<Labels1, Gauge>,
@@ -169,6 +170,13 @@ impl Metrics {
             "in_flight_requests",
             "Client requests being served now",
             in_flight.clone(),
+        );
+        let abandoned = Counter::default();
+        service.register(
+            "requests_abandoned",
+            "Client requests whose client went away before their answer's head was ready (an \
+             HTTP/2 stream reset, a closed connection); not in sprint_sidecar_requests",
+            abandoned.clone(),
         );
         let client_connections = Gauge::default();
         service.register(
@@ -384,6 +392,7 @@ impl Metrics {
                 retries,
                 retry_budget_exhausted,
                 in_flight,
+                abandoned,
                 client_connections,
                 client_connections_total,
                 upstream_connections,
@@ -476,6 +485,11 @@ impl Metrics {
 
     pub fn in_flight(&self) -> &Gauge {
         &self.inner.in_flight
+    }
+
+    /// A client request ended without an answer: its client went away first.
+    pub fn request_abandoned(&self) {
+        self.inner.abandoned.inc();
     }
 
     pub fn client_connection_opened(&self) {

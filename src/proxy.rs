@@ -281,9 +281,11 @@ async fn handle(
     let start = Instant::now();
     let method = req.method().clone();
     let resp = {
-        let _counted = CountedInFlight::new(plane.metrics.in_flight());
+        let mut counted = CountedInFlight::new(&plane.metrics);
         let _in_flight = crate::busy_poll::InFlight::start();
-        forward_request(&plane, req, start).await
+        let resp = forward_request(&plane, req, start).await;
+        counted.answered = true;
+        resp
     };
     plane
         .metrics
@@ -293,19 +295,29 @@ async fn handle(
 
 /// One request counted in the in-flight gauge until this is dropped: also when hyper drops
 /// the request's future before it ends (an h2c client resets its stream, or the client
-/// connection is cut off), where code after the `.await` never runs.
-struct CountedInFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+/// connection is cut off), where code after the `.await` never runs. Such a request, never
+/// `answered`, is counted as abandoned.
+struct CountedInFlight<'a> {
+    metrics: &'a Metrics,
+    answered: bool,
+}
 
 impl<'a> CountedInFlight<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        CountedInFlight(gauge)
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.in_flight().inc();
+        CountedInFlight {
+            metrics,
+            answered: false,
+        }
     }
 }
 
 impl Drop for CountedInFlight<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.metrics.in_flight().dec();
+        if !self.answered {
+            self.metrics.request_abandoned();
+        }
     }
 }
 

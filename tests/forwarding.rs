@@ -2482,7 +2482,8 @@ async fn a_small_body_arriving_in_pieces_is_joined_and_one_that_stops_gets_408()
 
 /// An h2c client that resets its stream while the relay has not answered yet: hyper drops
 /// the request's future at its `.await`, and the in-flight gauge must still count it out
-/// (it used to be taken back only after the `.await`, so each such request stayed counted).
+/// (it used to be taken back only after the `.await`, so each such request stayed counted),
+/// and count it as abandoned, not as answered.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_its_h2c_client_resets_leaves_the_in_flight_gauge() {
     let (relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
@@ -2504,7 +2505,18 @@ async fn a_request_its_h2c_client_resets_leaves_the_in_flight_gauge() {
         || async { (sidecar.metric(gauge).await == 0.0).then_some(()) },
     )
     .await;
-    // And one that is answered is counted out as before.
+    assert_eq!(
+        sidecar
+            .metric("sprint_sidecar_requests_abandoned_total")
+            .await,
+        3.0
+    );
+    let answered_series = "sprint_sidecar_requests_total{method=\"GET\",status_class=\"2xx\"}";
+    assert!(
+        !sidecar.metrics_text().await.contains(answered_series),
+        "no abandoned request counted as answered"
+    );
+    // And one that is answered is counted out as before, and not as abandoned.
     let answered = client
         .get(sidecar.data_url("/"))
         .send()
@@ -2512,4 +2524,11 @@ async fn a_request_its_h2c_client_resets_leaves_the_in_flight_gauge() {
         .expect("an answer");
     assert_eq!(answered.status(), 200);
     assert_eq!(sidecar.metric(gauge).await, 0.0);
+    assert_eq!(sidecar.metric(answered_series).await, 1.0);
+    assert_eq!(
+        sidecar
+            .metric("sprint_sidecar_requests_abandoned_total")
+            .await,
+        3.0
+    );
 }

@@ -608,6 +608,8 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
         0.0,
         "nothing in flight now"
     );
+    let abandoned = family(&families, "sprint_sidecar_requests_abandoned", "counter");
+    assert!(total(abandoned, "sprint_sidecar_requests_abandoned_total") >= 0.0);
     let clients = family(&families, "sprint_sidecar_client_connections", "gauge");
     assert!(total(clients, "sprint_sidecar_client_connections") >= 0.0);
 
