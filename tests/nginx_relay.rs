@@ -390,9 +390,14 @@ async fn a_learned_request_limit_rotates_connections_before_the_relay_refuses_an
         sidecar.logs().join("\n")
     );
     let rotations = metric(&sidecar, reconnects).await - reconnects_before;
+    // The two connections open at the start may still have carried up to 50 requests each
+    // of these, so at most 100 of them went without a rotation (the bound was total / 50,
+    // and a CI run saw 29 rotations).
+    let least = (total - 2 * 50) / 50;
     assert!(
-        rotations >= (total / 50) as f64,
-        "each connection carried at most 50 requests ({rotations} rotations for {total})"
+        rotations >= least as f64,
+        "each connection carried at most 50 requests ({rotations} rotations for {total}, \
+         at least {least} expected)"
     );
     assert!(
         sidecar
