@@ -483,13 +483,16 @@ impl Metrics {
         self.inner.retry_budget_exhausted.inc();
     }
 
-    pub fn in_flight(&self) -> &Gauge {
-        &self.inner.in_flight
-    }
-
-    /// A client request ended without an answer: its client went away first.
-    pub fn request_abandoned(&self) {
-        self.inner.abandoned.inc();
+    /// Counts a client request in flight until the returned guard is dropped. A guard
+    /// dropped before [`InFlightRequest::answered`] (hyper dropped the request's future: an
+    /// h2c client reset its stream, the client connection was cut off, so no code after the
+    /// `.await` ran) counts the request as abandoned instead.
+    pub fn request_started(&self) -> InFlightRequest<'_> {
+        self.inner.in_flight.inc();
+        InFlightRequest {
+            metrics: self,
+            answered: false,
+        }
     }
 
     pub fn client_connection_opened(&self) {
@@ -697,9 +700,60 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// One client request counted in flight ([`Metrics::request_started`]).
+#[must_use = "the request is counted out when this is dropped"]
+pub struct InFlightRequest<'a> {
+    metrics: &'a Metrics,
+    answered: bool,
+}
+
+impl InFlightRequest<'_> {
+    /// The request is answered: counted in `requests` by method and status class.
+    pub fn answered(mut self, method: &http::Method, status: u16, elapsed: Duration) {
+        self.answered = true;
+        self.metrics.request_finished(method, status, elapsed);
+    }
+}
+
+impl Drop for InFlightRequest<'_> {
+    fn drop(&mut self) {
+        self.metrics.inner.in_flight.dec();
+        if !self.answered {
+            self.metrics.inner.abandoned.inc();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_is_counted_answered_or_abandoned_and_never_left_in_flight() {
+        let m = Metrics::new(1);
+        let answered = m.request_started();
+        let abandoned = m.request_started();
+        let text = m.encode(&ScrapeValues::default(), false);
+        assert!(
+            text.contains("sprint_sidecar_in_flight_requests 2"),
+            "{text}"
+        );
+        answered.answered(&http::Method::POST, 200, Duration::from_millis(1));
+        drop(abandoned);
+        let text = m.encode(&ScrapeValues::default(), false);
+        assert!(
+            text.contains("sprint_sidecar_in_flight_requests 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sprint_sidecar_requests_abandoned_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sprint_sidecar_requests_total{method=\"POST\",status_class=\"2xx\"} 1"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn families_are_named_with_prefix_and_units() {

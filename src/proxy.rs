@@ -280,45 +280,13 @@ async fn handle(
 ) -> Result<Response<client_io::Answered<ProxyBody>>, Infallible> {
     let start = Instant::now();
     let method = req.method().clone();
+    let counted = plane.metrics.request_started();
     let resp = {
-        let mut counted = CountedInFlight::new(&plane.metrics);
         let _in_flight = crate::busy_poll::InFlight::start();
-        let resp = forward_request(&plane, req, start).await;
-        counted.answered = true;
-        resp
+        forward_request(&plane, req, start).await
     };
-    plane
-        .metrics
-        .request_finished(&method, resp.status().as_u16(), start.elapsed());
+    counted.answered(&method, resp.status().as_u16(), start.elapsed());
     Ok(resp.map(|body| client_io::Answered::new(body, started)))
-}
-
-/// One request counted in the in-flight gauge until this is dropped: also when hyper drops
-/// the request's future before it ends (an h2c client resets its stream, or the client
-/// connection is cut off), where code after the `.await` never runs. Such a request, never
-/// `answered`, is counted as abandoned.
-struct CountedInFlight<'a> {
-    metrics: &'a Metrics,
-    answered: bool,
-}
-
-impl<'a> CountedInFlight<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
-        metrics.in_flight().inc();
-        CountedInFlight {
-            metrics,
-            answered: false,
-        }
-    }
-}
-
-impl Drop for CountedInFlight<'_> {
-    fn drop(&mut self) {
-        self.metrics.in_flight().dec();
-        if !self.answered {
-            self.metrics.request_abandoned();
-        }
-    }
 }
 
 async fn forward_request(
