@@ -9,6 +9,7 @@ pub mod pool;
 pub mod read_ahead;
 pub mod request_limit;
 pub mod retry;
+pub mod wait_queue;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -666,3 +666,71 @@ async fn readiness_holds_while_a_connection_the_relay_closed_is_replaced() {
     assert_eq!(sidecar.admin_status("/ready").await, Some(200));
     relay.heal();
 }
+
+/// More requests than the pool can carry at once wait in line and are served in the order they
+/// came: under overload every request waits about as long as the others, not a lucky few
+/// nothing and the rest the whole queue. 96 clients, each sending again as soon as it is
+/// answered, share 2 streams (one h2 connection, `max_streams_per_connection = 2`) to a relay
+/// that answers after 5 ms, so each request waits for the 48 or so before it. Before the line,
+/// a request arriving as a stream freed took it ahead of the waiting request that stream's
+/// release had woken, which then queued again at the back: one request in twenty was
+/// answered in under a tenth of p50, and p99 was twice p50.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_connection_are_served_first_come_first_served() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set("pool", "max_streams_per_connection", "2")
+            .set_str("pool", "request_timeout", "30s")
+    })
+    .await;
+    let client = support::h2c_client();
+    let url = sidecar.data_url("/delay/5");
+    let clients = 96;
+    let run_for = Duration::from_secs(4);
+    // The first requests of all clients arrive at once, and the first of them are answered at
+    // once: only requests sent after this settling time are judged.
+    let settled = Duration::from_secs(1);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients {
+        let client = client.clone();
+        let url = url.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            while started.elapsed() < run_for {
+                let sent = Instant::now();
+                let response = client.get(&url).send().await.expect("answered");
+                assert_eq!(response.status(), 200);
+                response.bytes().await.expect("body");
+                if sent.duration_since(started) >= settled {
+                    latencies.push(sent.elapsed());
+                }
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.expect("client task"));
+    }
+    latencies.sort();
+    let n = latencies.len();
+    assert!(n >= 200, "the relay answered enough requests to judge: {n}");
+    let at = |q: f64| latencies[((n as f64 * q) as usize).min(n - 1)];
+    let (p50, p99) = (at(0.50), at(0.99));
+    let jumped = latencies.iter().filter(|l| **l < p50 / 10).count();
+    eprintln!(
+        "{n} requests: p1 {:?} p50 {p50:?} p99 {p99:?} max {:?}; {jumped} under p50 / 10",
+        at(0.01),
+        latencies[n - 1]
+    );
+    assert!(
+        jumped * 200 < n,
+        "no request jumps the line: {jumped} of {n} took under a tenth of p50 {p50:?}"
+    );
+    assert!(
+        p99 < p50 * 2,
+        "every request waits its turn: p99 {p99:?} against p50 {p50:?}"
+    );
+}

@@ -22,6 +22,7 @@ use super::UpstreamError;
 use super::coalesce::Coalesce;
 use super::read_ahead;
 use super::request_limit::{self, RequestLimit};
+use super::wait_queue::WaitQueue;
 use crate::config::{Config, Endpoint};
 use crate::latency::LatencyWindow;
 use crate::tls::{TlsSetup, describe_handshake_error};
@@ -196,7 +197,7 @@ pub struct Connection {
     abandoned: AtomicBool,
     closed_notify: Notify,
     /// The pool's "something changed" signal: a freed request slot wakes waiting requests.
-    freed: Arc<Notify>,
+    freed: Arc<WaitQueue>,
     /// Longest pause of a response body between two pieces (`pool.request_timeout`).
     body_idle_timeout: Duration,
     /// The pool's read-ahead budget for HTTP/1.1 answers.
@@ -698,13 +699,13 @@ impl read_ahead::Link for InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // Release the request slot first, then wake one request waiting for one: one slot
+        // Release the request slot first, then wake the first request in line: one slot
         // serves one waiter. Waking every waiter for each freed slot made an overloaded pool
         // (more requests than `pool.size` x streams) do work quadratic in its queue: with
         // 6 400 concurrent streams throughput fell to a third. Changes that may serve many
         // (a new connection, a breaker closing) still wake them all.
         drop(self.permit.take());
-        self.conn.freed.notify_one();
+        self.conn.freed.slot_freed();
     }
 }
 
@@ -964,7 +965,7 @@ pub async fn dial(
     cfg: &Config,
     tls: &TlsSetup,
     generation: u64,
-    freed: Arc<Notify>,
+    freed: Arc<WaitQueue>,
     shared: &PoolShared,
 ) -> Result<Arc<Connection>, DialError> {
     let pool = &cfg.pool;
@@ -1130,7 +1131,7 @@ impl Connection {
         generation: u64,
         sender: Sender,
         permits: usize,
-        freed: Arc<Notify>,
+        freed: Arc<WaitQueue>,
         body_idle_timeout: Duration,
         shared: &PoolShared,
     ) -> Self {

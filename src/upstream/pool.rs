@@ -17,6 +17,7 @@ use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition, TripReason};
 use super::connection::{Connection, DialError, PoolShared, dial};
 use super::read_ahead;
+use super::wait_queue::WaitQueue;
 use crate::config::Config;
 use crate::event_loops::EventLoops;
 use crate::latency::{Histogram, LatencyWindow};
@@ -228,6 +229,8 @@ impl Rank {
 struct Unavailable {
     /// Some connection may free up soon (busy HTTP/1.1, or a dial in progress).
     can_wait: bool,
+    /// The connection to avoid has a free slot (another waiting request may take it).
+    excluded_free: bool,
 }
 
 /// Point-in-time view of one slot for the admin API.
@@ -266,7 +269,9 @@ pub struct Pool {
     cfg: Arc<Config>,
     tls: TlsSetup,
     slots: Vec<Arc<Slot>>,
-    changed: Arc<Notify>,
+    /// Requests waiting for a connection, first come first served; also woken when
+    /// something changes that may serve them.
+    changed: Arc<WaitQueue>,
     metrics: Metrics,
     origin: Instant,
     /// Unix time in ms at `origin`: wall times of the request path come from the monotonic
@@ -313,7 +318,7 @@ impl Pool {
             cfg,
             tls,
             slots,
-            changed: Arc::new(Notify::new()),
+            changed: Arc::new(WaitQueue::new()),
             metrics,
             origin: now,
             origin_unix_ms: SystemTime::now()
@@ -390,12 +395,16 @@ impl Pool {
 
     fn try_checkout(&self, exclude: Option<usize>, now: Instant) -> Result<Checkout, Unavailable> {
         let mut can_wait = false;
+        let mut excluded_free = false;
         let here = crate::event_loops::current();
         for _pass in 0..3 {
             // Ranked by (another loop's, in flight), then latency: this loop's first.
             let mut best: Option<(Rank, &Arc<Slot>, Arc<Connection>)> = None;
             for slot in &self.slots {
                 if Some(slot.index) == exclude && self.slots.len() > 1 {
+                    excluded_free |= slot
+                        .usable_connection()
+                        .is_some_and(|c| c.available() > 0 && slot.breaker_would_admit(now));
                     continue;
                 }
                 let Some(conn) = slot.usable_connection() else {
@@ -424,7 +433,10 @@ impl Pool {
                 }
             }
             let Some((_, slot, conn)) = best else {
-                return Err(Unavailable { can_wait });
+                return Err(Unavailable {
+                    can_wait,
+                    excluded_free,
+                });
             };
             let Some((admission, transition)) = slot.with_breaker(|b| b.admit(now)) else {
                 continue;
@@ -447,11 +459,15 @@ impl Pool {
                 None => slot.with_breaker(|b| b.release(admission)),
             }
         }
-        Err(Unavailable { can_wait: true })
+        Err(Unavailable {
+            can_wait: true,
+            excluded_free,
+        })
     }
 
     /// A request slot on the best usable connection other than `exclude`; waits (until
-    /// `deadline`) only when one may free up soon, otherwise fails fast.
+    /// `deadline`) only when one may free up soon, otherwise fails fast. Waiting requests are
+    /// served in the order they came ([`WaitQueue`]).
     /// `now`: the caller's clock reading, taken just before.
     pub async fn checkout(
         &self,
@@ -459,35 +475,74 @@ impl Pool {
         deadline: Instant,
         now: Instant,
     ) -> Result<Checkout, UpstreamError> {
-        // Fast path: a free connection, without registering as a waiter (that takes the
-        // notifier's lock twice).
-        match self.try_checkout(exclude, now) {
-            Ok(c) => return Ok(c),
-            Err(u) if u.can_wait => {}
-            Err(_) => return Err(self.unavailable()),
-        }
-        let mut now = now;
-        let mut waited = false;
-        loop {
-            // Register first, then look again, so a connection freed in between wakes us.
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        // With one connection there is nothing else to go to.
+        let exclude = exclude.filter(|_| self.slots.len() > 1);
+        // Fast path: a free connection, when nobody is waiting for one (a newcomer does not
+        // take the slot a waiting request was just woken for).
+        if self.changed.is_empty() {
             match self.try_checkout(exclude, now) {
-                Ok(mut c) => {
-                    c.waited = waited;
-                    return Ok(c);
-                }
+                Ok(c) => return Ok(c),
                 Err(u) if u.can_wait => {}
                 Err(_) => return Err(self.unavailable()),
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        }
+        self.wait_in_line(exclude, deadline).await
+    }
+
+    async fn wait_in_line(
+        &self,
+        exclude: Option<usize>,
+        deadline: Instant,
+    ) -> Result<Checkout, UpstreamError> {
+        let mut place = self.changed.join(exclude);
+        // A slot freed before this request joined woke nobody: the first in line (maybe this
+        // request) looks for it.
+        self.wake_for_unclaimed_slots(Instant::now());
+        loop {
+            if !place.wait(deadline).await {
                 return Err(UpstreamError::timeout(
                     "no relay connection became free within pool.request_timeout",
                 ));
             }
-            now = Instant::now();
-            waited = true;
+            let now = Instant::now();
+            match self.try_checkout(exclude, now) {
+                Ok(mut c) => {
+                    c.waited = true;
+                    drop(place);
+                    // A slot no wake-up is for (a connection freed several at once): the next
+                    // in line looks too.
+                    if !self.changed.is_empty() {
+                        self.wake_for_unclaimed_slots(now);
+                    }
+                    return Ok(c);
+                }
+                Err(u) if u.can_wait => {
+                    place.requeue();
+                    if u.excluded_free {
+                        place.pass_on();
+                    }
+                }
+                Err(_) => return Err(self.unavailable()),
+            }
+        }
+    }
+
+    /// Wakes the first in line when more request slots are free than requests already woken
+    /// for them. Waking one for a slot another woken request will take makes it look, find
+    /// nothing and go back: under overload that was every other newcomer.
+    fn wake_for_unclaimed_slots(&self, now: Instant) {
+        let claimed = self.changed.woken();
+        let mut free = 0;
+        for slot in &self.slots {
+            if let Some(c) = slot.usable_connection()
+                && slot.breaker_would_admit(now)
+            {
+                free += c.available();
+                if free > claimed {
+                    self.changed.wake(1);
+                    return;
+                }
+            }
         }
     }
 
@@ -591,7 +646,7 @@ impl Pool {
             // connection clears. Replaced gracefully; the breaker keeps its state.
             slot.eject.notify_one();
         }
-        self.changed.notify_waiters();
+        self.changed.wake_all();
     }
 
     /// Point-in-time view of every slot.
@@ -742,9 +797,7 @@ impl Pool {
         // Wake as many waiting requests as the new connection can take; each request that
         // finishes wakes one more. Waking every waiter here made each rotation (nginx: one per
         // 1000 requests per connection) cost work in proportion to the whole queue.
-        for _ in 0..capacity {
-            self.changed.notify_one();
-        }
+        self.changed.wake(capacity);
     }
 }
 
@@ -813,7 +866,7 @@ async fn supervise(
                 tokio::select! {
                     _ = conn.closed() => {
                         let Some(p) = pool.upgrade() else { return };
-                        p.changed.notify_waiters();
+                        p.changed.wake_all();
                         if replaced_at_once(&conn) {
                             backoff.reset();
                             // One that served requests and then ended (the relay rotated it
@@ -909,7 +962,7 @@ async fn supervise(
                 {
                     c.take();
                 }
-                p.changed.notify_waiters();
+                p.changed.wake_all();
                 Some(backoff.next_delay())
             }
         };
