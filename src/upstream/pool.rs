@@ -3,6 +3,8 @@
 //! `max_connection_age`, and replaces it when the ejector finds it slow. Requests pick the
 //! usable connection with the fewest requests in flight (ties: lower EWMA latency), among
 //! the connections of their own event loop first (`event_loops`; one loop by default).
+//! Requests that find every connection busy wait in one line, first come first served
+//! ([`WaitQueue`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
