@@ -441,6 +441,7 @@ fn metrics_response(
             .pool
             .relay_request_limit()
             .map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+        waiting_requests: i64::try_from(state.pool.waiting_requests()).unwrap_or(i64::MAX),
     };
     let openmetrics = state.metrics.encode(&values, pool_only);
     let accept = headers

@@ -60,6 +60,7 @@ struct Inner {
     upstream_latency_p95: Family<Labels1, Gauge<f64, AtomicU64>>,
     read_ahead: Gauge,
     relay_request_limit: Gauge,
+    waiting: Gauge,
     secret_reloads: Family<Labels2, Counter>,
     busy_poll_spins: Counter,
     busy_poll_missed: Counter<f64, AtomicU64>,
@@ -146,6 +147,8 @@ pub struct ScrapeValues {
     pub read_ahead_bytes: i64,
     /// The relay's requests-per-connection limit as the pool learned it; 0: not known.
     pub relay_request_limit: i64,
+    /// Requests waiting in line for a free relay connection.
+    pub waiting_requests: i64,
 }
 
 impl Metrics {
@@ -356,6 +359,14 @@ impl Metrics {
              ahead and sends no connection more (0: not known)",
             relay_request_limit.clone(),
         );
+        let waiting = Gauge::default();
+        pool.register(
+            "upstream_waiting_requests",
+            "Requests waiting in line for a free relay connection (every connection busy: \
+             pool.size x streams in flight); served first come, first served, each for at most \
+             pool.request_timeout",
+            waiting.clone(),
+        );
         // Every known label value starts at zero, so rates have a baseline from the first scrape.
         for reason in RETRY_REASONS {
             let _ = retries.get_or_create(&[("reason", reason)]);
@@ -407,6 +418,7 @@ impl Metrics {
                 upstream_latency_p95,
                 read_ahead,
                 relay_request_limit,
+                waiting,
                 secret_reloads,
                 busy_poll_spins,
                 busy_poll_missed,
@@ -596,6 +608,7 @@ impl Metrics {
         }
         i.read_ahead.set(v.read_ahead_bytes);
         i.relay_request_limit.set(v.relay_request_limit);
+        i.waiting.set(v.waiting_requests);
         i.secure_buffers.set(v.secure_buffers);
         i.locked_bytes.set(v.locked_bytes);
         if let Some(ok) = v.self_check_passed {

@@ -710,10 +710,22 @@ async fn requests_waiting_for_a_connection_are_served_first_come_first_served() 
             latencies
         });
     }
+    // Meanwhile `/metrics` shows the line: 96 clients, 2 of them on a stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = sidecar.metric("sprint_sidecar_upstream_waiting_requests").await;
+    assert!(
+        (48.0..=96.0).contains(&waiting),
+        "most of the 96 clients' requests wait in line: {waiting}"
+    );
     let mut latencies = Vec::new();
     while let Some(done) = tasks.join_next().await {
         latencies.extend(done.expect("client task"));
     }
+    assert_eq!(
+        sidecar.metric("sprint_sidecar_upstream_waiting_requests").await,
+        0.0,
+        "nobody waits once every client has its answer"
+    );
     latencies.sort();
     let n = latencies.len();
     assert!(n >= 200, "the relay answered enough requests to judge: {n}");

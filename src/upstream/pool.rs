@@ -749,6 +749,11 @@ impl Pool {
 
     /// The relay's requests-per-connection limit, once two rotations in a row showed it
     /// (see [`super::request_limit`]).
+    /// Requests waiting in line for a free connection now.
+    pub fn waiting_requests(&self) -> usize {
+        self.changed.waiting()
+    }
+
     pub fn relay_request_limit(&self) -> Option<u64> {
         self.shared.relay_request_limit()
     }

@@ -80,6 +80,11 @@ impl WaitQueue {
         }
     }
 
+    /// Requests in line, or woken and not yet served.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Requests woken and not yet looking for a slot.
     pub fn woken(&self) -> usize {
         self.woken.load(Ordering::SeqCst)
