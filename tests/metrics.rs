@@ -610,7 +610,11 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
     );
     let abandoned = family(&families, "sprint_sidecar_requests_abandoned", "counter");
     assert!(total(abandoned, "sprint_sidecar_requests_abandoned_total") >= 0.0);
-    let waiting = family(&families, "sprint_sidecar_upstream_waiting_requests", "gauge");
+    let waiting = family(
+        &families,
+        "sprint_sidecar_upstream_waiting_requests",
+        "gauge",
+    );
     assert_eq!(
         total(waiting, "sprint_sidecar_upstream_waiting_requests"),
         0.0,

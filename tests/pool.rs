@@ -712,7 +712,9 @@ async fn requests_waiting_for_a_connection_are_served_first_come_first_served() 
     }
     // Meanwhile `/metrics` shows the line: 96 clients, 2 of them on a stream.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let waiting = sidecar.metric("sprint_sidecar_upstream_waiting_requests").await;
+    let waiting = sidecar
+        .metric("sprint_sidecar_upstream_waiting_requests")
+        .await;
     assert!(
         (48.0..=96.0).contains(&waiting),
         "most of the 96 clients' requests wait in line: {waiting}"
@@ -722,7 +724,9 @@ async fn requests_waiting_for_a_connection_are_served_first_come_first_served() 
         latencies.extend(done.expect("client task"));
     }
     assert_eq!(
-        sidecar.metric("sprint_sidecar_upstream_waiting_requests").await,
+        sidecar
+            .metric("sprint_sidecar_upstream_waiting_requests")
+            .await,
         0.0,
         "nobody waits once every client has its answer"
     );
@@ -745,4 +749,102 @@ async fn requests_waiting_for_a_connection_are_served_first_come_first_served() 
         p99 < p50 * 2,
         "every request waits its turn: p99 {p99:?} against p50 {p50:?}"
     );
+}
+
+/// The line holds only live requests: one that waits longer than `pool.request_timeout` gets a
+/// 504 naming it and leaves the line, so do requests whose clients give up, and once the busy
+/// stream frees the next request is served at once (no wake-up went to a request that left).
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_leave_the_line_at_their_timeout_or_when_their_client_gives_up() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set("pool", "max_streams_per_connection", "1")
+            .set_str("pool", "request_timeout", "1500ms")
+    })
+    .await;
+    let waiting = || sidecar.metric("sprint_sidecar_upstream_waiting_requests");
+    // The only stream: a long answer its client reads slowly holds it (one that stopped
+    // reading would be cut after a pause of pool.request_timeout in the body).
+    let (hang_up, mut hung_up) = tokio::sync::oneshot::channel::<()>();
+    let download = support::client()
+        .get(sidecar.data_url("/bytes/1073741824"))
+        .send()
+        .await
+        .expect("the long answer starts");
+    assert_eq!(download.status(), 200);
+    let holder = tokio::spawn(async move {
+        let mut download = download;
+        loop {
+            tokio::select! {
+                _ = &mut hung_up => return,
+                chunk = download.chunk() => {
+                    assert!(chunk.expect("the body flows").is_some(), "1 GiB does not end");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert_eq!(
+        pool_connections(&sidecar).await[0]["in_flight"],
+        1,
+        "the download holds the only stream"
+    );
+
+    // Waits in line until pool.request_timeout.
+    let started = Instant::now();
+    let timed_out = tokio::spawn(support::client().get(sidecar.data_url("/json")).send());
+    support::eventually(support::EVENTUALLY, "a request in line", || async {
+        (waiting().await == 1.0).then_some(())
+    })
+    .await;
+    let answer = timed_out.await.expect("task").expect("answered");
+    let waited = started.elapsed();
+    assert_eq!(answer.status(), 504);
+    let body = answer.bytes().await.expect("body");
+    let (_, detail) = support::assert_json_error(504, &body);
+    assert!(detail.contains("pool.request_timeout"), "{detail}");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "it waited its pool.request_timeout: {waited:?}"
+    );
+    assert_eq!(waiting().await, 0.0, "the timed-out request left the line");
+
+    // Clients that give up while in line.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("a client");
+    let mut gave_up = JoinSet::new();
+    for _ in 0..5 {
+        let request = impatient.get(sidecar.data_url("/json")).send();
+        gave_up.spawn(request);
+    }
+    while let Some(outcome) = gave_up.join_next().await {
+        assert!(
+            outcome.expect("task").is_err(),
+            "no answer within 300 ms while the stream is held"
+        );
+    }
+    support::eventually(support::EVENTUALLY, "the line empties", || async {
+        (waiting().await == 0.0).then_some(())
+    })
+    .await;
+
+    // One more waits; the stream frees (its client hangs up): it is served then.
+    let next = tokio::spawn(support::client().get(sidecar.data_url("/json")).send());
+    support::eventually(support::EVENTUALLY, "the next request in line", || async {
+        (waiting().await == 1.0).then_some(())
+    })
+    .await;
+    hang_up.send(()).expect("the holder still reads");
+    holder.await.expect("the holder hung up");
+    let answer = next.await.expect("task").expect("answered");
+    assert_eq!(
+        answer.status(),
+        200,
+        "served when the stream freed, before its pool.request_timeout"
+    );
+    assert_eq!(waiting().await, 0.0);
 }
