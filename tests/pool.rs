@@ -667,6 +667,18 @@ async fn readiness_holds_while_a_connection_the_relay_closed_is_replaced() {
     relay.heal();
 }
 
+/// A sidecar whose pool is one h2 connection of `streams` streams, with this
+/// `pool.request_timeout`: more requests than `streams` wait in line.
+async fn one_h2_connection(streams: usize, request_timeout: &str) -> (Relay, Sidecar) {
+    start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(1)
+            .set("pool", "max_streams_per_connection", &streams.to_string())
+            .set_str("pool", "request_timeout", request_timeout)
+    })
+    .await
+}
+
 /// More requests than the pool can carry at once wait in line and are served in the order they
 /// came: under overload every request waits about as long as the others, not a lucky few
 /// nothing and the rest the whole queue. 96 clients, each sending again as soon as it is
@@ -677,13 +689,7 @@ async fn readiness_holds_while_a_connection_the_relay_closed_is_replaced() {
 /// answered in under a tenth of p50, and p99 was twice p50.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_for_a_connection_are_served_first_come_first_served() {
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar
-            .pool_size(1)
-            .set("pool", "max_streams_per_connection", "2")
-            .set_str("pool", "request_timeout", "30s")
-    })
-    .await;
+    let (_relay, sidecar) = one_h2_connection(2, "30s").await;
     let client = support::h2c_client();
     let url = sidecar.data_url("/delay/5");
     let clients = 96;
@@ -753,16 +759,10 @@ async fn requests_waiting_for_a_connection_are_served_first_come_first_served() 
 
 /// The line holds only live requests: one that waits longer than `pool.request_timeout` gets a
 /// 504 naming it and leaves the line, so do requests whose clients give up, and once the busy
-/// stream frees the next request is served at once (no wake-up went to a request that left).
+/// stream frees the next request is served (no wake-up went to a request that left).
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_leave_the_line_at_their_timeout_or_when_their_client_gives_up() {
-    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
-        sidecar
-            .pool_size(1)
-            .set("pool", "max_streams_per_connection", "1")
-            .set_str("pool", "request_timeout", "1500ms")
-    })
-    .await;
+    let (_relay, sidecar) = one_h2_connection(1, "1500ms").await;
     let waiting = || sidecar.metric("sprint_sidecar_upstream_waiting_requests");
     // The only stream: a long answer its client reads slowly holds it (one that stopped
     // reading would be cut after a pause of pool.request_timeout in the body).
