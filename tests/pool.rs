@@ -690,7 +690,27 @@ async fn one_h2_connection(streams: usize, request_timeout: &str) -> (Relay, Sid
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_for_a_connection_are_served_first_come_first_served() {
     let (_relay, sidecar) = one_h2_connection(2, "30s").await;
-    let client = support::h2c_client();
+    first_come_first_served(&sidecar, support::h2c_client()).await;
+}
+
+/// The same with two event loops, each driving one of two single-stream connections, and the
+/// clients on HTTP/1.1 connections spread over both loops: one line serves them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_every_event_loop_wait_in_one_line() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| {
+        sidecar
+            .pool_size(2)
+            .set("pool", "max_streams_per_connection", "1")
+            .set_str("pool", "request_timeout", "30s")
+            .set("runtime", "worker_threads", "2")
+    })
+    .await;
+    first_come_first_served(&sidecar, support::client()).await;
+}
+
+/// 96 clients of `client`, each sending again as soon as it is answered, for 4 s through a
+/// pool of 2 streams to a relay answering after 5 ms: nobody jumps the line.
+async fn first_come_first_served(sidecar: &Sidecar, client: reqwest::Client) {
     let url = sidecar.data_url("/delay/5");
     let clients = 96;
     let run_for = Duration::from_secs(4);
