@@ -415,4 +415,127 @@ mod tests {
         assert_eq!(start.elapsed(), std::time::Duration::from_millis(40));
         wake.await.expect("waker task");
     }
+
+    /// What the line should do, kept as plain data: each live place is in line (with its
+    /// ticket), woken, or out looking.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Model {
+        Queued(u64),
+        Woken,
+        Out,
+    }
+
+    /// Random sequences of every operation, checked against the model after each step: wake-ups
+    /// go to the earliest tickets, requeued places keep theirs, the counts match, and a place
+    /// sees a wake-up exactly when the model says it got one.
+    #[tokio::test]
+    async fn random_operations_keep_the_line_in_ticket_order() {
+        for seed in 0..200 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let q = WaitQueue::new();
+            let mut places: Vec<(Place<'_>, Option<usize>, Model)> = Vec::new();
+            let mut next_ticket = 0u64;
+            // The model's first queued place (by ticket) that passes `filter`.
+            fn first_queued(
+                places: &[(Place<'_>, Option<usize>, Model)],
+                filter: impl Fn(Option<usize>) -> bool,
+            ) -> Option<usize> {
+                places
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, ex, m))| match m {
+                        Model::Queued(t) if filter(*ex) => Some((*t, i)),
+                        _ => None,
+                    })
+                    .min()
+                    .map(|(_, i)| i)
+            }
+            for step in 0..300 {
+                let op = rng.u8(0..8);
+                match op {
+                    0 | 1 => {
+                        let exclude = [None, None, Some(0), Some(1)][rng.usize(0..4)];
+                        places.push((q.join(exclude), exclude, Model::Queued(next_ticket)));
+                        next_ticket += 1;
+                    }
+                    2 => {
+                        q.slot_freed();
+                        if let Some(i) = first_queued(&places, |_| true) {
+                            places[i].2 = Model::Woken;
+                        }
+                    }
+                    3 => {
+                        let n = rng.usize(0..4);
+                        q.wake(n);
+                        for _ in 0..n {
+                            if let Some(i) = first_queued(&places, |_| true) {
+                                places[i].2 = Model::Woken;
+                            }
+                        }
+                    }
+                    4 if rng.u8(0..4) == 0 => {
+                        q.wake_all();
+                        for p in places.iter_mut() {
+                            if matches!(p.2, Model::Queued(_)) {
+                                p.2 = Model::Woken;
+                            }
+                        }
+                    }
+                    5 if !places.is_empty() => {
+                        // A place looks: it sees a wake-up exactly when it has one.
+                        let i = rng.usize(0..places.len());
+                        let seen = woken(&mut places[i].0).await;
+                        assert_eq!(seen, places[i].2 == Model::Woken, "seed {seed} step {step}");
+                        if seen {
+                            places[i].2 = Model::Out;
+                        }
+                    }
+                    6 if !places.is_empty() => {
+                        // A place that looked and found nothing goes back, maybe passing on.
+                        let i = rng.usize(0..places.len());
+                        if places[i].2 == Model::Out {
+                            places[i].0.requeue();
+                            places[i].2 = Model::Queued(places[i].0.ticket);
+                            if let Some(x) = places[i].1
+                                && rng.bool()
+                            {
+                                places[i].0.pass_on();
+                                if let Some(j) = first_queued(&places, |ex| ex != Some(x)) {
+                                    places[j].2 = Model::Woken;
+                                }
+                            }
+                        }
+                    }
+                    7 if !places.is_empty() => {
+                        let i = rng.usize(0..places.len());
+                        let (place, _, model) = places.swap_remove(i);
+                        drop(place);
+                        if model == Model::Woken
+                            && let Some(j) = first_queued(&places, |_| true)
+                        {
+                            places[j].2 = Model::Woken;
+                        }
+                    }
+                    _ => {}
+                }
+                let woken_now = places.iter().filter(|p| p.2 == Model::Woken).count();
+                assert_eq!(q.waiting(), places.len(), "seed {seed} step {step}");
+                assert_eq!(q.woken(), woken_now, "seed {seed} step {step}");
+                let line = q.lock();
+                let tickets: Vec<u64> = line.queue.iter().map(|e| e.ticket).collect();
+                let mut expected: Vec<u64> = places
+                    .iter()
+                    .filter_map(|p| match p.2 {
+                        Model::Queued(t) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                expected.sort_unstable();
+                assert_eq!(tickets, expected, "seed {seed} step {step}");
+            }
+            drop(places);
+            assert!(q.is_empty());
+            assert_eq!(q.woken(), 0);
+        }
+    }
 }
