@@ -497,9 +497,17 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Checkout, UpstreamError> {
         let mut place = self.changed.join(exclude);
+        let now = Instant::now();
+        // Joined behind others without looking: if no connection will serve soon (every slot
+        // backing off or its breaker open), fail fast as a newcomer to an empty line would.
+        // Checked after joining, so a change after the check wakes this request.
+        if !self.worth_waiting(exclude, now) {
+            drop(place);
+            return Err(self.unavailable());
+        }
         // A slot freed before this request joined woke nobody: the first in line (maybe this
         // request) looks for it.
-        self.wake_for_unclaimed_slots(Instant::now());
+        self.wake_for_unclaimed_slots(now);
         loop {
             if !place.wait(deadline).await {
                 return Err(UpstreamError::timeout(
@@ -527,6 +535,17 @@ impl Pool {
                 Err(_) => return Err(self.unavailable()),
             }
         }
+    }
+
+    /// Whether a request may get a connection by waiting: some connection it may use is up
+    /// and admitted by its breaker (busy or not), or is being dialed and not backing off.
+    /// [`Pool::try_checkout`]'s `can_wait`, without taking anything.
+    fn worth_waiting(&self, exclude: Option<usize>, now: Instant) -> bool {
+        self.slots.iter().any(|slot| {
+            Some(slot.index) != exclude
+                && slot.breaker_would_admit(now)
+                && (slot.usable_connection().is_some() || slot.state() != SlotState::Backoff)
+        })
     }
 
     /// Wakes the first in line when more request slots are free than requests already woken
@@ -980,6 +999,11 @@ async fn supervise(
                     && c.as_ref().is_some_and(|c| c.is_closed())
                 {
                     c.take();
+                }
+                // Requests waiting for this slot may now fail fast: they look again (on
+                // another event loop one may have looked before the state said so).
+                if let Some(p) = pool.upgrade() {
+                    p.changed.wake_all();
                 }
             }
             if let Ok(mut n) = slot.next_dial.lock() {
