@@ -42,6 +42,7 @@ struct Inner {
     pool: Registry,
     requests: Family<Labels2, Counter>,
     request_duration: Histogram,
+    wait_duration: Histogram,
     retries: Family<Labels1, Counter>,
     retry_budget_exhausted: Counter,
     in_flight: Gauge,
@@ -247,6 +248,15 @@ impl Metrics {
             Unit::Seconds,
             attempt_duration.clone(),
         );
+        let wait_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        pool.register_with_unit(
+            "upstream_wait_duration",
+            "Time requests waited in line for a free relay connection (every connection busy), \
+             until served, timed out (pool.request_timeout), refused or abandoned; requests \
+             that found a free connection at once are not counted",
+            Unit::Seconds,
+            wait_duration.clone(),
+        );
         let retries = Family::<Labels1, Counter>::default();
         pool.register(
             "upstream_retries",
@@ -400,6 +410,7 @@ impl Metrics {
                 pool,
                 requests,
                 request_duration,
+                wait_duration,
                 retries,
                 retry_budget_exhausted,
                 in_flight,
@@ -504,6 +515,15 @@ impl Metrics {
         InFlightRequest {
             metrics: self,
             answered: false,
+        }
+    }
+
+    /// A request joins the pool's line for a free connection; its wait is observed in
+    /// `upstream_wait_duration_seconds` when the returned guard is dropped.
+    pub fn waiting_in_line(&self) -> LineWait<'_> {
+        LineWait {
+            metrics: self,
+            started: std::time::Instant::now(),
         }
     }
 
@@ -734,6 +754,22 @@ impl Drop for InFlightRequest<'_> {
         if !self.answered {
             self.metrics.inner.abandoned.inc();
         }
+    }
+}
+
+/// One request's wait in the pool's line ([`Metrics::waiting_in_line`]), however it ends.
+#[must_use = "the wait is observed when this is dropped"]
+pub struct LineWait<'a> {
+    metrics: &'a Metrics,
+    started: std::time::Instant,
+}
+
+impl Drop for LineWait<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .inner
+            .wait_duration
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 

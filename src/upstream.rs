@@ -43,6 +43,10 @@ pub enum ErrorKind {
     BadGateway,
     /// No response headers within `pool.request_timeout`: 504.
     Timeout,
+    /// No connection became free within `pool.request_timeout` (every one busy; the request
+    /// waited in line and was never sent): 504, and not retried, since a retry would only
+    /// wait in the same line again.
+    PoolTimeout,
     /// The client's overall deadline (`listener.request_deadline`) passed: 504.
     Deadline,
     /// The attempt ran out of time while the request body waited for the client, not for
@@ -145,6 +149,15 @@ impl UpstreamError {
         }
     }
 
+    /// See [`ErrorKind::PoolTimeout`].
+    pub fn pool_timeout(detail: impl Into<String>) -> Self {
+        UpstreamError {
+            kind: ErrorKind::PoolTimeout,
+            never_sent: true,
+            ..UpstreamError::timeout(detail)
+        }
+    }
+
     pub fn timeout(detail: impl Into<String>) -> Self {
         UpstreamError {
             kind: ErrorKind::Timeout,
@@ -197,7 +210,10 @@ impl UpstreamError {
     }
 
     pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, ErrorKind::Timeout | ErrorKind::Deadline)
+        matches!(
+            self.kind,
+            ErrorKind::Timeout | ErrorKind::PoolTimeout | ErrorKind::Deadline
+        )
     }
 
     pub fn is_unavailable(&self) -> bool {
@@ -236,7 +252,9 @@ impl UpstreamError {
         match self.kind {
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
-            ErrorKind::Timeout | ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::PoolTimeout | ErrorKind::Deadline => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ErrorKind::ClientStalled => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::ClientBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::ClientBodyFailed => StatusCode::BAD_REQUEST,
@@ -248,7 +266,7 @@ impl UpstreamError {
         match self.kind {
             ErrorKind::Unavailable => "upstream_unavailable",
             ErrorKind::BadGateway => "upstream_failed",
-            ErrorKind::Timeout => "upstream_timeout",
+            ErrorKind::Timeout | ErrorKind::PoolTimeout => "upstream_timeout",
             ErrorKind::Deadline => "request_deadline_exceeded",
             ErrorKind::ClientStalled => "request_timeout",
             ErrorKind::ClientBodyTooLarge => "body_too_large",
@@ -435,12 +453,13 @@ impl Upstream {
                 idempotent,
                 replayable.is_some(),
             );
-            if err.is_unavailable()
-                && let Some(previous) = previous
-            {
+            // No connection now, or none within request_timeout: another attempt would
+            // only wait for one again.
+            let pool_exhausted = err.is_unavailable() || err.kind() == ErrorKind::PoolTimeout;
+            if pool_exhausted && let Some(previous) = previous {
                 return Err(previous);
             }
-            if verdict != Verdict::Retry || err.is_unavailable() {
+            if verdict != Verdict::Retry || pool_exhausted {
                 return Err(err);
             }
             // An orderly refusal is the relay rotating a connection, not a sign of trouble: it

@@ -578,6 +578,17 @@ async fn every_family_exists_after_traffic_with_bounded_labels() {
         }
     }
 
+    // Waits in the pool's line: a histogram in seconds (only requests that waited count).
+    let name = "sprint_sidecar_upstream_wait_duration_seconds";
+    let waits = family(&families, name, "histogram");
+    assert_eq!(waits.unit, "seconds", "{name}");
+    assert!(total(waits, &format!("{name}_count")) >= 0.0);
+    let les = label_values(waits, &format!("{name}_bucket"), "le");
+    assert!(
+        les.contains("+Inf") && les.len() > 5,
+        "{name} buckets: {les:?}"
+    );
+
     // Retries and the budget.
     let retries = family(&families, "sprint_sidecar_upstream_retries", "counter");
     assert!(

@@ -762,6 +762,25 @@ async fn first_come_first_served(sidecar: &Sidecar, client: reqwest::Client) {
     let at = |q: f64| latencies[((n as f64 * q) as usize).min(n - 1)];
     let (p50, p99) = (at(0.50), at(0.99));
     let jumped = latencies.iter().filter(|l| **l < p50 / 10).count();
+    // The waits themselves, as the sidecar measured them: every judged request waited, about
+    // as long as it took to be answered.
+    let waits = sidecar
+        .metric("sprint_sidecar_upstream_wait_duration_seconds_count")
+        .await;
+    let mean_wait = Duration::from_secs_f64(
+        sidecar
+            .metric("sprint_sidecar_upstream_wait_duration_seconds_sum")
+            .await
+            / waits,
+    );
+    assert!(
+        waits >= n as f64,
+        "the {n} judged requests waited in line: {waits}"
+    );
+    assert!(
+        mean_wait > p50 / 2 && mean_wait < p99,
+        "mean wait {mean_wait:?} against p50 {p50:?}, p99 {p99:?}"
+    );
     eprintln!(
         "{n} requests: p1 {:?} p50 {p50:?} p99 {p99:?} max {:?}; {jumped} under p50 / 10",
         at(0.01),
@@ -778,7 +797,7 @@ async fn first_come_first_served(sidecar: &Sidecar, client: reqwest::Client) {
 }
 
 /// The line holds only live requests: one that waits longer than `pool.request_timeout` gets a
-/// 504 naming it and leaves the line, so do requests whose clients give up, and once the busy
+/// 504 naming it (once: it is not retried) and leaves the line, so do requests whose clients give up, and once the busy
 /// stream frees the next request is served (no wake-up went to a request that left).
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_leave_the_line_at_their_timeout_or_when_their_client_gives_up() {
@@ -829,6 +848,18 @@ async fn requests_leave_the_line_at_their_timeout_or_when_their_client_gives_up(
         "it waited its pool.request_timeout: {waited:?}"
     );
     assert_eq!(waiting().await, 0.0, "the timed-out request left the line");
+    let waited_in_line = |quantity: &'static str| {
+        let sample = format!("sprint_sidecar_upstream_wait_duration_seconds_{quantity}");
+        let sidecar = &sidecar;
+        async move { sidecar.metric(&sample).await }
+    };
+    // Waited once: a request that found no connection in time is not sent through the line
+    // again (a retry would double the client's wait and add to the crowd).
+    assert_eq!(waited_in_line("count").await, 1.0);
+    assert!(
+        waited_in_line("sum").await >= 1.4,
+        "its wait, pool.request_timeout, is counted"
+    );
 
     // Clients that give up while in line.
     let impatient = reqwest::Client::builder()

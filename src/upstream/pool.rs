@@ -496,6 +496,7 @@ impl Pool {
         exclude: Option<usize>,
         deadline: Instant,
     ) -> Result<Checkout, UpstreamError> {
+        let _waiting = self.metrics.waiting_in_line();
         let mut place = self.changed.join(exclude);
         let now = Instant::now();
         // Joined behind others without looking: if no connection will serve soon (every slot
@@ -510,7 +511,7 @@ impl Pool {
         self.wake_for_unclaimed_slots(now);
         loop {
             if !place.wait(deadline).await {
-                return Err(UpstreamError::timeout(
+                return Err(UpstreamError::pool_timeout(
                     "no relay connection became free within pool.request_timeout",
                 ));
             }
