@@ -196,7 +196,7 @@ pub struct Connection {
     /// The sidecar gave up on a request half sent (see [`Connection::abandon_request`]).
     abandoned: AtomicBool,
     closed_notify: Notify,
-    /// The pool's "something changed" signal: a freed request slot wakes waiting requests.
+    /// The pool's line of waiting requests: a freed request slot wakes the first in line.
     freed: Arc<WaitQueue>,
     /// Longest pause of a response body between two pieces (`pool.request_timeout`).
     body_idle_timeout: Duration,

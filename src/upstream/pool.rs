@@ -157,6 +157,14 @@ impl Slot {
         self.breaker_closed.load(Ordering::Relaxed) || self.with_breaker(|b| b.would_admit(now))
     }
 
+    /// Request slots free now on this slot's connection, if it is usable and its breaker
+    /// admits a request (0 otherwise).
+    fn free_request_slots(&self, now: Instant) -> usize {
+        self.usable_connection()
+            .filter(|_| self.breaker_would_admit(now))
+            .map_or(0, |c| c.available())
+    }
+
     fn usable_connection(&self) -> Option<Arc<Connection>> {
         self.connection()
             .filter(|c| !c.is_closed() && !c.is_draining())
@@ -273,7 +281,7 @@ pub struct Pool {
     slots: Vec<Arc<Slot>>,
     /// Requests waiting for a connection, first come first served; also woken when
     /// something changes that may serve them.
-    changed: Arc<WaitQueue>,
+    line: Arc<WaitQueue>,
     metrics: Metrics,
     origin: Instant,
     /// Unix time in ms at `origin`: wall times of the request path come from the monotonic
@@ -320,7 +328,7 @@ impl Pool {
             cfg,
             tls,
             slots,
-            changed: Arc::new(WaitQueue::new()),
+            line: Arc::new(WaitQueue::new()),
             metrics,
             origin: now,
             origin_unix_ms: SystemTime::now()
@@ -403,10 +411,8 @@ impl Pool {
             // Ranked by (another loop's, in flight), then latency: this loop's first.
             let mut best: Option<(Rank, &Arc<Slot>, Arc<Connection>)> = None;
             for slot in &self.slots {
-                if Some(slot.index) == exclude && self.slots.len() > 1 {
-                    excluded_free |= slot
-                        .usable_connection()
-                        .is_some_and(|c| c.available() > 0 && slot.breaker_would_admit(now));
+                if Some(slot.index) == exclude {
+                    excluded_free |= slot.free_request_slots(now) > 0;
                     continue;
                 }
                 let Some(conn) = slot.usable_connection() else {
@@ -481,7 +487,7 @@ impl Pool {
         let exclude = exclude.filter(|_| self.slots.len() > 1);
         // Fast path: a free connection, when nobody is waiting for one (a newcomer does not
         // take the slot a waiting request was just woken for).
-        if self.changed.is_empty() {
+        if self.line.is_empty() {
             match self.try_checkout(exclude, now) {
                 Ok(c) => return Ok(c),
                 Err(u) if u.can_wait => {}
@@ -497,7 +503,7 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Checkout, UpstreamError> {
         let _waiting = self.metrics.waiting_in_line();
-        let mut place = self.changed.join(exclude);
+        let mut place = self.line.join(exclude);
         let now = Instant::now();
         // Joined behind others without looking: if no connection will serve soon (every slot
         // backing off or its breaker open), fail fast as a newcomer to an empty line would.
@@ -522,7 +528,7 @@ impl Pool {
                     drop(place);
                     // A slot no wake-up is for (a connection freed several at once): the next
                     // in line looks too.
-                    if !self.changed.is_empty() {
+                    if !self.line.is_empty() {
                         self.wake_for_unclaimed_slots(now);
                     }
                     return Ok(c);
@@ -553,17 +559,13 @@ impl Pool {
     /// for them. Waking one for a slot another woken request will take makes it look, find
     /// nothing and go back: under overload that was every other newcomer.
     fn wake_for_unclaimed_slots(&self, now: Instant) {
-        let claimed = self.changed.woken();
+        let claimed = self.line.woken();
         let mut free = 0;
         for slot in &self.slots {
-            if let Some(c) = slot.usable_connection()
-                && slot.breaker_would_admit(now)
-            {
-                free += c.available();
-                if free > claimed {
-                    self.changed.wake(1);
-                    return;
-                }
+            free += slot.free_request_slots(now);
+            if free > claimed {
+                self.line.wake(1);
+                return;
             }
         }
     }
@@ -668,7 +670,7 @@ impl Pool {
             // connection clears. Replaced gracefully; the breaker keeps its state.
             slot.eject.notify_one();
         }
-        self.changed.wake_all();
+        self.line.wake_all();
     }
 
     /// Point-in-time view of every slot.
@@ -767,13 +769,13 @@ impl Pool {
         self.shared.read_ahead.held()
     }
 
-    /// The relay's requests-per-connection limit, once two rotations in a row showed it
-    /// (see [`super::request_limit`]).
     /// Requests waiting in line for a free connection now.
     pub fn waiting_requests(&self) -> usize {
-        self.changed.waiting()
+        self.line.waiting()
     }
 
+    /// The relay's requests-per-connection limit, once two rotations in a row showed it
+    /// (see [`super::request_limit`]).
     pub fn relay_request_limit(&self) -> Option<u64> {
         self.shared.relay_request_limit()
     }
@@ -824,7 +826,7 @@ impl Pool {
         // Wake as many waiting requests as the new connection can take; each request that
         // finishes wakes one more. Waking every waiter here made each rotation (nginx: one per
         // 1000 requests per connection) cost work in proportion to the whole queue.
-        self.changed.wake(capacity);
+        self.line.wake(capacity);
     }
 }
 
@@ -851,7 +853,7 @@ async fn supervise(
         }
         let generation = p.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let dialed = tokio::select! {
-            d = dial(&p.cfg, &p.tls, generation, p.changed.clone(), &p.shared) => d,
+            d = dial(&p.cfg, &p.tls, generation, p.line.clone(), &p.shared) => d,
             _ = shutdown.changed() => return,
         };
         let delay = match dialed {
@@ -893,7 +895,7 @@ async fn supervise(
                 tokio::select! {
                     _ = conn.closed() => {
                         let Some(p) = pool.upgrade() else { return };
-                        p.changed.wake_all();
+                        p.line.wake_all();
                         if replaced_at_once(&conn) {
                             backoff.reset();
                             // One that served requests and then ended (the relay rotated it
@@ -989,7 +991,7 @@ async fn supervise(
                 {
                     c.take();
                 }
-                p.changed.wake_all();
+                p.line.wake_all();
                 Some(backoff.next_delay())
             }
         };
@@ -1004,7 +1006,7 @@ async fn supervise(
                 // Requests waiting for this slot may now fail fast: they look again (on
                 // another event loop one may have looked before the state said so).
                 if let Some(p) = pool.upgrade() {
-                    p.changed.wake_all();
+                    p.line.wake_all();
                 }
             }
             if let Ok(mut n) = slot.next_dial.lock() {
