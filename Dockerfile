@@ -35,7 +35,7 @@ WORKDIR /build
 # sources are stubs, so editing src/ reuses this layer. Cargo refuses a manifest whose
 # [[bench]]/[[test]]/[[example]] targets have no file, so each named one gets an empty stub
 # (release builds never compile them; a stub beside a target with its own `path` is harmless).
-# vendor/ holds the patched h2 that Cargo.toml's [patch.crates-io] points at.
+# vendor/ holds the patched h2 and hyper that Cargo.toml's [patch.crates-io] points at.
 COPY Cargo.toml Cargo.lock ./
 COPY vendor ./vendor
 RUN mkdir -p src \
