@@ -208,12 +208,14 @@ pub fn load_credential(cfg: &Config) -> Result<Option<Arc<TokenCredential>>, App
     let u = &cfg.upstream;
     if let Some(path) = &u.auth_token_file {
         let c = TokenCredential::from_file(path.clone(), u.allow_insecure_permissions)
-            .map_err(|e| AppError::config(format!("upstream.auth_token_file: {e}")))?;
+            .map_err(|e| AppError::config(format!("upstream.auth_token_file: {e}")))?
+            .with_header_name(u.auth_header.clone());
         return Ok(Some(Arc::new(c)));
     }
     if let Some(var) = &u.auth_token_env {
         let c = TokenCredential::from_env(var)
-            .map_err(|e| AppError::config(format!("upstream.auth_token_env: {e}")))?;
+            .map_err(|e| AppError::config(format!("upstream.auth_token_env: {e}")))?
+            .with_header_name(u.auth_header.clone());
         return Ok(Some(Arc::new(c)));
     }
     Ok(None)

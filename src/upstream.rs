@@ -32,6 +32,33 @@ use retry::{RetryBudget, Verdict};
 pub trait CredentialSource: Send + Sync {
     /// A fresh header value marked sensitive, or `None` when no credential is configured.
     fn header_value(&self) -> Option<HeaderValue>;
+
+    /// The credential for one request: the header value, and the same field HPACK-encoded
+    /// in advance when the source keeps one (HTTP/2 relay connections send that instead of
+    /// encoding the value per request).
+    fn credential(&self) -> Option<Credential> {
+        self.header_value().map(|value| Credential {
+            value,
+            h2_field: None,
+        })
+    }
+}
+
+/// The relay credential as one request carries it. `Debug` shows neither form.
+#[derive(Clone)]
+pub struct Credential {
+    /// The header value (sensitive): what an HTTP/1.1 relay connection sends.
+    pub value: HeaderValue,
+    /// The whole field (`upstream.auth_header` and the value) as a never-indexed HPACK
+    /// literal, encoded once per burst of traffic into locked memory: what an HTTP/2 relay
+    /// connection sends, when present.
+    pub h2_field: Option<h2::ext::EncodedField>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credential([redacted])")
+    }
 }
 
 /// What kind of failure an [`UpstreamError`] is.
@@ -385,17 +412,14 @@ impl Upstream {
     /// An [`UpstreamError`] saying why no response could be had.
     pub async fn send(
         &self,
-        mut head: OutgoingHead,
+        head: OutgoingHead,
         body: OutgoingBody,
         deadline: Instant,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let max_attempts = self.cfg.retry.max_attempts;
         let idempotent = retry::is_idempotent(&head.method, head.idempotency_key);
-        // The credential goes into the head once; every attempt sends a copy of the head.
-        if let Some(value) = self.credential.as_ref().and_then(|c| c.header_value()) {
-            head.headers
-                .insert(self.cfg.upstream.auth_header.clone(), value);
-        }
+        // Taken once per request; each attempt's connection adds it in its own form.
+        let credential = self.credential.as_ref().and_then(|c| c.credential());
         let (replayable, mut stream, client) = match body {
             OutgoingBody::Replayable(b) => (Some(b), None, None),
             OutgoingBody::Streaming(s, client) => (None, Some(s), Some(client)),
@@ -430,7 +454,7 @@ impl Upstream {
             };
             let result = self
                 .attempt(
-                    &head,
+                    (&head, credential.as_ref()),
                     body,
                     exclude,
                     (attempt_deadline, deadline),
@@ -495,13 +519,14 @@ impl Upstream {
         }
     }
 
-    /// One attempt on one connection, by `(attempt deadline, request deadline)`; on failure
+    /// One attempt on one connection with the request's head and credential, by
+    /// `(attempt deadline, request deadline)`; on failure
     /// also says which slot it used. `client`: see [`OutgoingBody::Streaming`].
     /// `now`: the clock read just before (one reading serves the deadline check, the
     /// checkout and the latency's start).
     async fn attempt(
         &self,
-        head: &OutgoingHead,
+        (head, credential): (&OutgoingHead, Option<&Credential>),
         body: AttemptBody,
         exclude: Option<usize>,
         (attempt_deadline, deadline): (Instant, Instant),
@@ -518,12 +543,24 @@ impl Upstream {
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = head.uri.clone();
         *req.headers_mut() = head.headers.clone();
+        // An HTTP/2 connection sends the credential's field as encoded in advance; otherwise
+        // the value goes into this attempt's headers.
+        let mut h2_field = None;
+        if let Some(c) = credential {
+            match (&c.h2_field, checkout.conn.protocol) {
+                (Some(field), connection::Protocol::H2) => h2_field = Some(field.clone()),
+                _ => {
+                    req.headers_mut()
+                        .insert(self.cfg.upstream.auth_header.clone(), c.value.clone());
+                }
+            }
+        }
         let permit = checkout.permit.take();
         let conn = checkout.conn.clone();
         // Latency counts from here, not from a wait for a free connection.
         let started = if checkout.waited { Instant::now() } else { now };
         let sent = match permit {
-            Some(p) => tokio::time::timeout_at(attempt_deadline, conn.send(req, p)).await,
+            Some(p) => tokio::time::timeout_at(attempt_deadline, conn.send(req, h2_field, p)).await,
             None => Ok(Err(UpstreamError::reset("no request slot", true))),
         };
         let ended = Instant::now();

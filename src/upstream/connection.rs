@@ -400,15 +400,18 @@ impl Connection {
 
     /// Sends one request. The caller has reserved a slot (`permit`), which the returned
     /// body holds until it ends so an HTTP/1.1 connection takes one request at a time.
+    /// `h2_field`: a header field encoded in advance (the relay credential), sent after the
+    /// request's own fields; only an HTTP/2 connection is given one.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<AttemptBody>,
+        h2_field: Option<h2::ext::EncodedField>,
         permit: OwnedSemaphorePermit,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let guard = InFlight::new(self.clone(), permit);
         self.prepare(&mut req);
         match &self.sender {
-            Sender::H2(sender) => self.send_h2(sender.clone(), req, guard).await,
+            Sender::H2(sender) => self.send_h2(sender.clone(), req, h2_field, guard).await,
             Sender::Http1(slot) => {
                 let taken = slot.lock().ok().and_then(|mut s| s.take());
                 let Some(mut sender) = taken else {
@@ -511,6 +514,7 @@ impl Connection {
         &self,
         sender: h2::client::SendRequest<Bytes>,
         req: Request<AttemptBody>,
+        h2_field: Option<h2::ext::EncodedField>,
         guard: InFlight,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         let mut sender = match sender.ready().await {
@@ -522,14 +526,17 @@ impl Connection {
         };
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
-        let (response, mut stream) = sender
-            .send_request(Request::from_parts(parts, ()), end)
-            .map_err(|e| {
-                if e.is_go_away() {
-                    self.mark_closed();
-                }
-                h2_error(&e, true)
-            })?;
+        let request = Request::from_parts(parts, ());
+        let sent = match h2_field {
+            Some(field) => sender.send_request_with_field(request, end, field),
+            None => sender.send_request(request, end),
+        };
+        let (response, mut stream) = sent.map_err(|e| {
+            if e.is_go_away() {
+                self.mark_closed();
+            }
+            h2_error(&e, true)
+        })?;
         let stream_id = u32::from(response.stream_id());
         let mut pump = None;
         if !end {

@@ -519,8 +519,29 @@ where
         request: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
+        self.send_request_inner(request, end_of_stream, None)
+    }
+
+    /// `send_request`, with one more header field sent after the request's own, already
+    /// HPACK-encoded (sprint-sidecar patch 6, PATCHES.md): a value sent with every request
+    /// is encoded once, not per request, and no copy of it enters the request's `HeaderMap`.
+    pub fn send_request_with_field(
+        &mut self,
+        request: Request<()>,
+        end_of_stream: bool,
+        field: crate::ext::EncodedField,
+    ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
+        self.send_request_inner(request, end_of_stream, Some(field))
+    }
+
+    fn send_request_inner(
+        &mut self,
+        request: Request<()>,
+        end_of_stream: bool,
+        field: Option<crate::ext::EncodedField>,
+    ) -> Result<(ResponseFuture, SendStream<B>), crate::Error> {
         self.inner
-            .send_request(request, end_of_stream, self.pending.as_ref())
+            .send_request(request, end_of_stream, self.pending.as_ref(), field)
             .map_err(Into::into)
             .map(|(stream, is_full)| {
                 if stream.is_pending_open() && is_full {
@@ -1642,6 +1663,7 @@ impl Peer {
         request: Request<()>,
         protocol: Option<Protocol>,
         end_of_stream: bool,
+        field: Option<crate::ext::EncodedField>,
     ) -> Result<Headers, SendError> {
         use http::request::Parts;
 
@@ -1692,6 +1714,10 @@ impl Peer {
 
         // Create the HEADERS frame
         let mut frame = Headers::new(id, pseudo, headers);
+
+        if let Some(field) = field {
+            frame.set_encoded_field(field);
+        }
 
         if end_of_stream {
             frame.set_end_stream()

@@ -147,6 +147,9 @@ struct HeaderBlock {
     /// Pseudo headers, these are broken out as they must be sent as part of the
     /// headers frame.
     pseudo: Pseudo,
+
+    /// A field encoded in advance, sent after `fields` (sprint-sidecar patch 6, PATCHES.md).
+    encoded: Option<crate::ext::EncodedField>,
 }
 
 #[derive(Debug)]
@@ -173,6 +176,7 @@ impl Headers {
                 fields,
                 is_over_size: false,
                 pseudo,
+                encoded: None,
             }),
             flags: HeadersFlag::default(),
         }
@@ -190,6 +194,7 @@ impl Headers {
                 fields,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             }),
             flags,
         }
@@ -255,6 +260,7 @@ impl Headers {
                 field_size: 0,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             }),
             flags,
         };
@@ -320,6 +326,12 @@ impl Headers {
 
     pub fn into_fields(self) -> HeaderMap {
         self.header_block.fields
+    }
+
+    /// Sends `field`, encoded in advance, after the other fields (sprint-sidecar patch 6).
+    pub fn set_encoded_field(&mut self, field: crate::ext::EncodedField) {
+        self.header_block.field_size += field.list_size();
+        self.header_block.encoded = Some(field);
     }
 
     pub fn encode(
@@ -416,6 +428,7 @@ impl PushPromise {
                 fields,
                 is_over_size: false,
                 pseudo,
+                encoded: None,
             }),
             promised_id,
             stream_id,
@@ -507,6 +520,7 @@ impl PushPromise {
                 field_size: 0,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             }),
             promised_id,
             stream_id: head.stream_id(),
@@ -1051,6 +1065,10 @@ impl HeaderBlock {
         };
 
         encoder.encode(headers, &mut hpack);
+        // sprint-sidecar patch 6: a never-indexed literal, valid at any point of the block.
+        if let Some(field) = &self.encoded {
+            hpack.extend_from_slice(field.bytes());
+        }
 
         EncodingHeaderBlock { hpack }
     }

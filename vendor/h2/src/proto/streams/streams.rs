@@ -267,6 +267,8 @@ where
         mut request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
+        // sprint-sidecar patch 6 (PATCHES.md): a field encoded in advance, sent last.
+        field: Option<crate::ext::EncodedField>,
     ) -> Result<(StreamRef<B>, bool), SendError> {
         use super::stream::ContentLength;
         use http::Method;
@@ -321,7 +323,7 @@ where
 
         // Convert the message
         let headers =
-            client::Peer::convert_send_message(stream_id, request, protocol, end_of_stream)?;
+            client::Peer::convert_send_message(stream_id, request, protocol, end_of_stream, field)?;
 
         let mut stream = me.store.insert(stream.id, stream);
 
