@@ -319,7 +319,9 @@ pub async fn run(
     // that their threads inherit it.
     let nice = apply_priority(&cfg).nice();
     metrics.set_nice(nice);
-    let loops = EventLoops::start(cfg.runtime.event_loops(cfg.pool.size.get()))
+    let event_loops = cfg.runtime.event_loops(cfg.pool.size.get());
+    crate::loop_yield::configure(cfg.runtime.yield_policy(event_loops));
+    let loops = EventLoops::start(event_loops)
         .map_err(|e| AppError::runtime(format!("cannot start the event loops: {e}")))?;
     let quota = crate::busy_poll::cpu_quota();
     if let Some(cores) = quota

@@ -531,12 +531,16 @@ pub fn after_unpark() {
     });
 }
 
-/// A builder of an event loop's runtime (single-threaded), with the hooks of busy polling.
+/// A builder of an event loop's runtime (single-threaded), with the hooks of busy polling
+/// and of handing the core over ([`crate::loop_yield`]).
 pub fn loop_runtime() -> tokio::runtime::Builder {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder
         .enable_all()
-        .on_thread_park(before_park)
+        .on_thread_park(|| {
+            crate::loop_yield::before_park();
+            before_park();
+        })
         .on_thread_unpark(after_unpark);
     builder
 }

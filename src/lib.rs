@@ -28,6 +28,7 @@ pub mod event_loops;
 pub mod hardening;
 pub mod latency;
 pub mod log_limit;
+pub mod loop_yield;
 pub mod metrics;
 pub mod proxy;
 pub mod response;

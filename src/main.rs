@@ -215,6 +215,26 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
             sprint_sidecar::busy_poll::MIN_IN_FLIGHT
         );
     }
+    let setting = match cfg.runtime.yield_every {
+        Some(every) => humantime::format_duration(every).to_string(),
+        None => "auto".to_owned(),
+    };
+    let policy = cfg.runtime.yield_policy(loops);
+    if policy.every.is_zero() {
+        println!("# handing the core over: never (runtime.yield_every = {setting})");
+    } else {
+        println!(
+            "# handing the core over: at most every {} (runtime.yield_every = {setting}), a \
+             loop that has run out of tasks yields its core to waiting threads before it looks \
+             for events{}",
+            humantime::format_duration(policy.every),
+            if policy.only_when_sharing {
+                ", while the process may run on more than one core"
+            } else {
+                ""
+            }
+        );
+    }
     println!("# configuration is valid");
     Ok(())
 }

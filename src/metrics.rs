@@ -331,6 +331,12 @@ impl Metrics {
                     secret_reloads.get_or_create(&[("file", file.as_str()), ("outcome", outcome)]);
             }
         }
+        service.register(
+            "loop_yields",
+            "Times an event loop that had run out of tasks handed its core to other waiting \
+             threads before it looked for events (runtime.yield_every)",
+            crate::loop_yield::counter(),
+        );
         let busy_poll_spins = Counter::default();
         service.register(
             "busy_poll_spins",

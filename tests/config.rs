@@ -120,6 +120,14 @@ async fn check_config_prints_the_effective_config_with_secrets_redacted() {
                         sleeps with 8+ requests in flight, an idle-class thread keeps its core \
                         awake for up to that long";
     assert!(output.stdout.contains(busy_polling), "{}", output.stdout);
+    assert!(
+        output
+            .stdout
+            .contains("# handing the core over: at most every 400us (runtime.yield_every = auto)"),
+        "{}",
+        output.stdout
+    );
+    assert_eq!(table["runtime"]["yield_every"].as_str(), Some("auto"));
 }
 
 /// `runtime.busy_poll = "0s"` is reported as off.

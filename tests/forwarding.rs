@@ -354,6 +354,23 @@ async fn busy_polling_off_starts_no_spinner() {
     assert_eq!(spins, 0.0);
 }
 
+/// `runtime.yield_every`: a loop that runs out of tasks hands its core over (counted in
+/// `sprint_sidecar_loop_yields_total`); `"0s"` never does.
+#[tokio::test(flavor = "multi_thread")]
+async fn loops_hand_their_core_over_unless_yield_every_is_zero() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    concurrent_gets_all_answered_200(&sidecar, 200).await;
+    let yields = sidecar.metric("sprint_sidecar_loop_yields_total").await;
+    assert!(yields >= 1.0, "the default yields: {yields}");
+    let (_relay, never) = start(Proto::H2, |sidecar| {
+        sidecar.set_str("runtime", "yield_every", "0s")
+    })
+    .await;
+    concurrent_gets_all_answered_200(&never, 200).await;
+    let yields = never.metric("sprint_sidecar_loop_yields_total").await;
+    assert_eq!(yields, 0.0);
+}
+
 /// A CPU cgroup with a quota of half a core (cgroup v2 `cpu.max` or v1
 /// `cpu.cfs_quota_us`), removed on drop; `None` where this process may not make one.
 struct QuotaCgroup {

@@ -187,6 +187,22 @@ pub fn online_cpus() -> usize {
     usize::try_from(count).unwrap_or(1).max(1)
 }
 
+/// The cores the calling thread may run on (`sched_getaffinity`; its CPU affinity mask,
+/// whatever a cgroup quota allows of them), at least 1.
+pub fn allowed_cpus() -> usize {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed, alive for the call; pid 0 is
+    // the calling thread.
+    let result = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if result != 0 {
+        return 1;
+    }
+    // SAFETY: `set` was filled by the kernel above.
+    let count = unsafe { libc::CPU_COUNT(&set) };
+    usize::try_from(count).unwrap_or(1).max(1)
+}
+
 /// Restricts the calling thread to core `cpu` (`sched_setaffinity`).
 pub fn pin_thread_to(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
