@@ -1668,6 +1668,16 @@ mod tests {
         }
     }
 
+    /// `[runtime] key = "bad"` is refused with one problem naming the key and the value.
+    fn assert_runtime_value_refused(key: &str, bad: &str) {
+        let text = format!("[runtime]\n{key} = \"{bad}\"\n");
+        let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        let name = format!("runtime.{key}");
+        assert!(msg.contains(&name) && msg.contains(bad), "{msg}");
+        assert_eq!(msg.matches(&name).count(), 1, "one problem: {msg}");
+    }
+
     #[test]
     fn yield_every_defaults_to_auto_zero_turns_it_off_and_long_or_bad_values_are_refused() {
         let c = Config::load_from(None, &[], &Overrides::default()).expect("defaults");
@@ -1695,18 +1705,7 @@ mod tests {
         assert_eq!(given.every, Duration::from_millis(2), "as given");
         assert!(!given.only_when_sharing, "as given, wherever it runs");
         for bad in ["11ms", "often"] {
-            let text = format!("[runtime]\nyield_every = \"{bad}\"\n");
-            let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
-            let msg = err.to_string();
-            assert!(
-                msg.contains("runtime.yield_every") && msg.contains(bad),
-                "{msg}"
-            );
-            assert_eq!(
-                msg.matches("runtime.yield_every").count(),
-                1,
-                "one problem: {msg}"
-            );
+            assert_runtime_value_refused("yield_every", bad);
         }
     }
 
@@ -1725,18 +1724,7 @@ mod tests {
         .expect("200us is valid");
         assert_eq!(c.runtime.busy_poll, Duration::from_micros(200));
         for bad in ["20ms", "soon"] {
-            let text = format!("[runtime]\nbusy_poll = \"{bad}\"\n");
-            let err = load_text(&text, &[], &Overrides::default()).unwrap_err();
-            let msg = err.to_string();
-            assert!(
-                msg.contains("runtime.busy_poll") && msg.contains(bad),
-                "{msg}"
-            );
-            assert_eq!(
-                msg.matches("runtime.busy_poll").count(),
-                1,
-                "one problem: {msg}"
-            );
+            assert_runtime_value_refused("busy_poll", bad);
         }
     }
 

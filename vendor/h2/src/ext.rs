@@ -111,10 +111,6 @@ impl EncodedField {
         &self.bytes
     }
 
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-
     pub(crate) fn list_size(&self) -> usize {
         self.list_size
     }

@@ -1067,7 +1067,7 @@ impl HeaderBlock {
         encoder.encode(headers, &mut hpack);
         // sprint-sidecar patch 6: a never-indexed literal, valid at any point of the block.
         if let Some(field) = &self.encoded {
-            hpack.extend_from_slice(field.bytes());
+            hpack.extend_from_slice(field.as_bytes());
         }
 
         EncodingHeaderBlock { hpack }
