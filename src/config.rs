@@ -1278,8 +1278,14 @@ impl RawConfig {
                 self.runtime.busy_poll.trim()
             ));
         }
-        let yield_every = (self.runtime.yield_every.trim() != "auto")
-            .then(|| c.duration("runtime.yield_every", &self.runtime.yield_every, true));
+        let yield_every = (self.runtime.yield_every.trim() != "auto").then(|| {
+            if let Err(e) = parse_duration(&self.runtime.yield_every) {
+                c.problems
+                    .push(format!("runtime.yield_every: {e}, or \"auto\""));
+                return Duration::ZERO;
+            }
+            c.duration("runtime.yield_every", &self.runtime.yield_every, true)
+        });
         if yield_every.is_some_and(|d| d > MAX_YIELD_EVERY)
             && parse_duration(&self.runtime.yield_every).is_ok()
         {
@@ -1707,6 +1713,13 @@ mod tests {
         for bad in ["11ms", "often"] {
             assert_runtime_value_refused("yield_every", bad);
         }
+        let err = load_text(
+            "[runtime]\nyield_every = \"Auto\"\n",
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("or \"auto\""), "{err}");
     }
 
     #[test]
