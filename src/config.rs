@@ -2,6 +2,7 @@
 //! environment variables < command-line flags, parsed once into typed values. Every error
 //! names the key it is about (and the file line for TOML syntax errors).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -1253,7 +1254,8 @@ impl RawConfig {
             }
         };
         let level = self.log.level.trim().to_string();
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err()
+        let within_build = log_filter_capped(&level, tracing::level_filters::STATIC_MAX_LEVEL);
+        if tracing_subscriber::EnvFilter::try_new(within_build.as_ref()).is_err()
             || level.is_empty()
             || !bare_words_are_levels(&level)
         {
@@ -1339,6 +1341,36 @@ fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `filter` with every level above `max` lowered to `max`. Release builds compile
+/// trace-level events out (Cargo.toml: `release_max_level_debug`, about 2% of the CPU per
+/// request in the libraries' per-frame checks), and tracing-subscriber prints a raw warning
+/// of its own for a filter that asks for more; the sidecar logs one line instead.
+pub fn log_filter_capped(filter: &str, max: tracing::level_filters::LevelFilter) -> Cow<'_, str> {
+    use tracing::level_filters::LevelFilter;
+    let above = |level: &str| level.trim().parse::<LevelFilter>().is_ok_and(|l| l > max);
+    let capped = |level: &str| {
+        if above(level) {
+            max.to_string().to_lowercase()
+        } else {
+            level.to_string()
+        }
+    };
+    if !filter
+        .split(',')
+        .any(|d| above(d.rsplit_once('=').map_or(d, |(_, l)| l)))
+    {
+        return Cow::Borrowed(filter);
+    }
+    let directives: Vec<String> = filter
+        .split(',')
+        .map(|d| match d.rsplit_once('=') {
+            Some((target, level)) => format!("{target}={}", capped(level)),
+            None => capped(d),
+        })
+        .collect();
+    Cow::Owned(directives.join(","))
 }
 
 /// Whether every directive of a log filter without `=` is a level. A tracing filter would
@@ -1482,6 +1514,43 @@ mod tests {
         ] {
             assert!(load(listener, admin).is_ok(), "{listener} / {admin}");
         }
+    }
+
+    #[test]
+    fn log_filter_capped_lowers_only_levels_above_the_build() {
+        use tracing::level_filters::LevelFilter;
+        let debug = LevelFilter::DEBUG;
+        for (filter, expected) in [
+            ("trace", "debug"),
+            ("TRACE", "debug"),
+            ("info,h2=trace", "info,h2=debug"),
+            ("trace,sprint_sidecar=info", "debug,sprint_sidecar=info"),
+            ("h2[send]=trace,hyper=5", "h2[send]=debug,hyper=debug"),
+        ] {
+            assert_eq!(log_filter_capped(filter, debug), expected, "{filter}");
+        }
+        for unchanged in [
+            "info",
+            "debug",
+            "off",
+            "info,sprint_sidecar=debug",
+            "warn,h2=error",
+        ] {
+            assert!(
+                matches!(log_filter_capped(unchanged, debug), Cow::Borrowed(f) if f == unchanged),
+                "{unchanged}"
+            );
+        }
+        // A build that records everything changes nothing.
+        assert_eq!(
+            log_filter_capped("info,h2=trace", LevelFilter::TRACE),
+            "info,h2=trace"
+        );
+        // And one that stops at info lowers debug too.
+        assert_eq!(
+            log_filter_capped("debug,h2=trace", LevelFilter::INFO),
+            "info,h2=info"
+        );
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl RunArgs {
 }
 
 fn init_tracing(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    use tracing::level_filters::STATIC_MAX_LEVEL;
+    let within_build = sprint_sidecar::config::log_filter_capped(level, STATIC_MAX_LEVEL);
+    let filter = tracing_subscriber::EnvFilter::try_new(within_build.as_ref())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -108,6 +110,12 @@ fn init_tracing(format: LogFormat, level: &str) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if within_build != level {
+        tracing::warn!(
+            "log.level {level:?} asks for more than this build records: it was compiled with \
+             {STATIC_MAX_LEVEL} as its most detailed level, so {within_build:?} is in effect"
+        );
+    }
 }
 
 fn fail(e: &AppError) -> ExitCode {
@@ -174,6 +182,15 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     }
     if admin_token {
         println!("# admin token: readable and private, value redacted");
+    }
+    let max = tracing::level_filters::STATIC_MAX_LEVEL;
+    let within_build = sprint_sidecar::config::log_filter_capped(&cfg.log.level, max);
+    if within_build != cfg.log.level.as_str() {
+        println!(
+            "# log level: {:?} asks for more than this build records (compiled with {max} as \
+             its most detailed level): {within_build:?} is in effect",
+            cfg.log.level
+        );
     }
     let loops = cfg.runtime.event_loops(cfg.pool.size.get());
     println!(
