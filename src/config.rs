@@ -1254,8 +1254,8 @@ impl RawConfig {
             }
         };
         let level = self.log.level.trim().to_string();
-        let within_build = log_filter_capped(&level, tracing::level_filters::STATIC_MAX_LEVEL);
-        if tracing_subscriber::EnvFilter::try_new(within_build.as_ref()).is_err()
+        if tracing_subscriber::EnvFilter::try_new(log_filter_for_this_build(&level).as_ref())
+            .is_err()
             || level.is_empty()
             || !bare_words_are_levels(&level)
         {
@@ -1280,24 +1280,23 @@ impl RawConfig {
                 self.runtime.busy_poll.trim()
             ));
         }
-        let yield_every = (self.runtime.yield_every.trim() != "auto").then(|| {
-            if let Err(e) = parse_duration(&self.runtime.yield_every) {
+        let yield_text = self.runtime.yield_every.trim();
+        let yield_every = (yield_text != "auto").then(|| match parse_duration(yield_text) {
+            Ok(d) if d > MAX_YIELD_EVERY => {
+                c.problems.push(format!(
+                    "runtime.yield_every: at most {} (longer than a scheduler tick shortens no \
+                     wait), got {yield_text}",
+                    humantime::format_duration(MAX_YIELD_EVERY),
+                ));
+                d
+            }
+            Ok(d) => d,
+            Err(e) => {
                 c.problems
                     .push(format!("runtime.yield_every: {e}, or \"auto\""));
-                return Duration::ZERO;
+                Duration::ZERO
             }
-            c.duration("runtime.yield_every", &self.runtime.yield_every, true)
         });
-        if yield_every.is_some_and(|d| d > MAX_YIELD_EVERY)
-            && parse_duration(&self.runtime.yield_every).is_ok()
-        {
-            c.problems.push(format!(
-                "runtime.yield_every: at most {} (longer than a scheduler tick shortens no \
-                 wait), got {}",
-                humantime::format_duration(MAX_YIELD_EVERY),
-                self.runtime.yield_every.trim()
-            ));
-        }
         let nice = self.runtime.nice;
         if !NICE_RANGE.contains(&nice) {
             c.problems.push(format!(
@@ -1341,6 +1340,12 @@ fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `filter` as this build can record it: [`log_filter_capped`] at the build's most detailed
+/// level (`tracing`'s `STATIC_MAX_LEVEL`).
+pub fn log_filter_for_this_build(filter: &str) -> Cow<'_, str> {
+    log_filter_capped(filter, tracing::level_filters::STATIC_MAX_LEVEL)
 }
 
 /// `filter` with every level above `max` lowered to `max`. Release builds compile

@@ -98,7 +98,7 @@ impl RunArgs {
 
 fn init_tracing(format: LogFormat, level: &str) {
     use tracing::level_filters::STATIC_MAX_LEVEL;
-    let within_build = sprint_sidecar::config::log_filter_capped(level, STATIC_MAX_LEVEL);
+    let within_build = sprint_sidecar::config::log_filter_for_this_build(level);
     let filter = tracing_subscriber::EnvFilter::try_new(within_build.as_ref())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -184,7 +184,7 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
         println!("# admin token: readable and private, value redacted");
     }
     let max = tracing::level_filters::STATIC_MAX_LEVEL;
-    let within_build = sprint_sidecar::config::log_filter_capped(&cfg.log.level, max);
+    let within_build = sprint_sidecar::config::log_filter_for_this_build(&cfg.log.level);
     if within_build != cfg.log.level.as_str() {
         println!(
             "# log level: {:?} asks for more than this build records (compiled with {max} as \
