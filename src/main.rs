@@ -227,7 +227,9 @@ fn check_config(args: &RunArgs) -> Result<(), AppError> {
     } else {
         println!(
             "# busy polling: on (runtime.busy_poll = {}): while an event loop sleeps with {}+ \
-             requests in flight, an idle-class thread keeps its core awake for up to that long",
+             requests in flight, an idle-class thread keeps its core awake for up to that long, \
+             as long as a trial (one period of 100 ms in ten without it) finds that this makes \
+             answers faster",
             humantime::format_duration(cfg.runtime.busy_poll),
             sprint_sidecar::busy_poll::MIN_IN_FLIGHT
         );

@@ -64,6 +64,8 @@ struct Inner {
     waiting: Gauge,
     secret_reloads: Family<Labels2, Counter>,
     busy_poll_spins: Counter,
+    busy_poll_in_force: Gauge,
+    busy_poll_probes: Counter,
     busy_poll_missed: Counter<f64, AtomicU64>,
     nice: Gauge,
     secure_buffers: Gauge,
@@ -352,6 +354,20 @@ impl Metrics {
             Unit::Seconds,
             busy_poll_missed.clone(),
         );
+        let busy_poll_in_force = Gauge::default();
+        service.register(
+            "busy_poll_in_force",
+            "Event loops whose busy polling is in force: its trial found that spinning makes \
+             answers faster (periods of 100 ms, one in ten a probe of the other mode)",
+            busy_poll_in_force.clone(),
+        );
+        let busy_poll_probes = Counter::default();
+        service.register(
+            "busy_poll_probes",
+            "Periods of 100 ms in which an event loop's busy polling ran the mode not in force, \
+             to find out whether spinning makes answers faster",
+            busy_poll_probes.clone(),
+        );
         let nice = Gauge::default();
         service.register(
             "scheduling_nice",
@@ -439,6 +455,8 @@ impl Metrics {
                 secret_reloads,
                 busy_poll_spins,
                 busy_poll_missed,
+                busy_poll_in_force,
+                busy_poll_probes,
                 nice,
                 secure_buffers,
                 locked_bytes,
@@ -566,6 +584,20 @@ impl Metrics {
     /// The nice value in effect (see `app::apply_priority`).
     pub fn set_nice(&self, nice: i32) {
         self.inner.nice.set(i64::from(nice));
+    }
+
+    /// An event loop's busy polling came into force (`true`) or went out of it.
+    pub fn busy_poll_in_force(&self, on: bool) {
+        if on {
+            self.inner.busy_poll_in_force.inc();
+        } else {
+            self.inner.busy_poll_in_force.dec();
+        }
+    }
+
+    /// An event loop's busy polling began a probe of the mode not in force.
+    pub fn busy_poll_probe(&self) {
+        self.inner.busy_poll_probes.inc();
     }
 
     /// An event loop busy-polled; `missed` of it waited for work that never came.

@@ -285,7 +285,9 @@ async fn handle(
         let _in_flight = crate::busy_poll::InFlight::start();
         forward_request(&plane, req, start).await
     };
-    counted.answered(&method, resp.status().as_u16(), start.elapsed());
+    let elapsed = start.elapsed();
+    counted.answered(&method, resp.status().as_u16(), elapsed);
+    crate::busy_poll::answered(elapsed);
     Ok(resp.map(|body| client_io::Answered::new(body, started)))
 }
 

@@ -339,6 +339,37 @@ async fn busy_polling_spins_in_the_idle_class_at_any_priority() {
     assert!(spins > 0.0);
 }
 
+/// Busy polling is on trial: it starts in force, and one period of 100 ms in ten runs the
+/// other mode (a probe), counted; whether the trial keeps spinning depends on the host (a
+/// halted core costs a slow one a third of the throughput, a fast one nothing), so the
+/// gauge may read either way afterwards, but never anything else for one loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_is_on_trial_with_probes_of_the_other_mode() {
+    let (_relay, sidecar) = start(Proto::H2, |sidecar| sidecar).await;
+    assert_eq!(
+        sidecar.metric("sprint_sidecar_busy_poll_in_force").await,
+        1.0,
+        "busy polling starts in force"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probes = loop {
+        concurrent_gets_all_answered_200(&sidecar, 200).await;
+        let probes = sidecar
+            .metric("sprint_sidecar_busy_poll_probes_total")
+            .await;
+        if probes >= 2.0 {
+            break probes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s of bursts and fewer than two probes: {probes}"
+        );
+    };
+    assert!(probes >= 2.0);
+    let in_force = sidecar.metric("sprint_sidecar_busy_poll_in_force").await;
+    assert!(in_force == 0.0 || in_force == 1.0, "one loop: {in_force}");
+}
+
 /// `runtime.busy_poll = "0s"` turns busy polling off: no spinner thread, no spins.
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_polling_off_starts_no_spinner() {
@@ -352,6 +383,18 @@ async fn busy_polling_off_starts_no_spinner() {
     assert_eq!(spinner_count(&threads), 0, "{threads:?}");
     let spins = sidecar.metric("sprint_sidecar_busy_poll_spins_total").await;
     assert_eq!(spins, 0.0);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        sidecar.metric("sprint_sidecar_busy_poll_in_force").await,
+        0.0
+    );
+    assert_eq!(
+        sidecar
+            .metric("sprint_sidecar_busy_poll_probes_total")
+            .await,
+        0.0,
+        "no trial without busy polling"
+    );
 }
 
 /// `runtime.yield_every`: a loop that runs out of tasks hands its core over (counted in
