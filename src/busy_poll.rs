@@ -31,7 +31,8 @@
 //!   that stalls with many requests in flight thus costs at most that share of a core;
 //! * only while a [`Trial`] finds that it makes answers faster: one period of 100 ms in ten
 //!   runs the other mode, and spinning stays in force only while the median of the last
-//!   three probes says it takes more than 3% off the mean answer time. On a slow host a
+//!   three probes says it takes more than 3% off the mean or the 99th percentile answer
+//!   time. On a slow host a
 //!   halted core cost a third of the throughput (twentieth session); on a fast one nothing,
 //!   while spinning cost 16% more CPU per request (twenty-sixth session). Off, the loop's
 //!   sleeps wake nobody;
@@ -456,29 +457,128 @@ pub const TRIAL_PERIOD: Duration = Duration::from_millis(100);
 /// One period in this many runs the mode not in force (a probe).
 pub const PROBE_EVERY: u32 = 10;
 
-/// Answers a period needs for its mean answer time to count.
+/// Answers a period needs for its answer times to count.
 pub const TRIAL_MIN_ANSWERS: u64 = 200;
 
-/// How much shorter spinning must make the mean answer time to be kept on: 3%.
+/// How much shorter spinning must make the mean or the 99th percentile answer time to be
+/// kept on: 3%.
 pub const SPIN_MARGIN: f64 = 0.03;
 
 /// Probes whose median decides ([`Trial`]).
 pub const VERDICTS: usize = 3;
+
+/// Sub-buckets per octave of [`AnswerTimes`] (each about 9% wide).
+const SUB_BUCKETS: usize = 8;
+/// The octaves [`AnswerTimes`] tells apart: from 2^10 ns (1 µs) to 2^27 ns (134 ms); shorter
+/// and longer answers count in the first and last bucket.
+const FIRST_OCTAVE: u32 = 10;
+const OCTAVES: usize = 17;
+/// Buckets of [`AnswerTimes`].
+pub const ANSWER_BUCKETS: usize = OCTAVES * SUB_BUCKETS;
+
+/// The bucket of an answer time of `nanos`: an eighth of an octave wide.
+pub fn answer_bucket(nanos: u64) -> usize {
+    let nanos = nanos.max(1);
+    let octave = 63 - nanos.leading_zeros();
+    if octave < FIRST_OCTAVE {
+        return 0;
+    }
+    let sub = (nanos >> (octave - 3)) as usize & (SUB_BUCKETS - 1);
+    ((octave - FIRST_OCTAVE) as usize * SUB_BUCKETS + sub).min(ANSWER_BUCKETS - 1)
+}
+
+/// The shortest answer time in nanoseconds that falls in `bucket` (its lower bound).
+pub fn bucket_floor(bucket: usize) -> f64 {
+    let octave = (bucket / SUB_BUCKETS) as i32 + FIRST_OCTAVE as i32;
+    let sub = (bucket % SUB_BUCKETS) as f64;
+    2f64.powi(octave) * (1.0 + sub / SUB_BUCKETS as f64)
+}
+
+/// The loop's answers so far: how many fell in each bucket of [`answer_bucket`], and their
+/// total answer time in nanoseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerCounts {
+    pub buckets: [u64; ANSWER_BUCKETS],
+    pub total_ns: u64,
+}
+
+impl Default for AnswerCounts {
+    fn default() -> Self {
+        AnswerCounts {
+            buckets: [0; ANSWER_BUCKETS],
+            total_ns: 0,
+        }
+    }
+}
+
+impl AnswerCounts {
+    /// Counts one answer of `nanos` (for tests and benchmarks; the loop counts into
+    /// [`Shared`]'s atomics).
+    pub fn record(&mut self, nanos: u64) {
+        self.buckets[answer_bucket(nanos)] += 1;
+        self.total_ns = self.total_ns.wrapping_add(nanos);
+    }
+}
+
+/// One period's answers: how many, their mean and their 99th percentile, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeriodAnswers {
+    pub count: u64,
+    pub mean_ns: f64,
+    pub p99_ns: f64,
+}
+
+impl PeriodAnswers {
+    /// The answers between two readings of the counts; `None` with fewer than
+    /// [`TRIAL_MIN_ANSWERS`].
+    pub fn between(before: &AnswerCounts, after: &AnswerCounts) -> Option<PeriodAnswers> {
+        let mut deltas = [0u64; ANSWER_BUCKETS];
+        for (delta, (a, b)) in deltas
+            .iter_mut()
+            .zip(after.buckets.iter().zip(&before.buckets))
+        {
+            *delta = a.wrapping_sub(*b);
+        }
+        let count: u64 = deltas.iter().sum();
+        if count < TRIAL_MIN_ANSWERS {
+            return None;
+        }
+        let mean_ns = after.total_ns.wrapping_sub(before.total_ns) as f64 / count as f64;
+        // The answer below which 99% fall, interpolated within its bucket.
+        let rank = count as f64 * 0.99;
+        let mut below = 0.0;
+        let mut p99_ns = bucket_floor(ANSWER_BUCKETS - 1);
+        for (bucket, &n) in deltas.iter().enumerate() {
+            let n = n as f64;
+            if n > 0.0 && below + n >= rank {
+                let (floor, ceiling) = (bucket_floor(bucket), bucket_floor(bucket + 1));
+                p99_ns = floor + (ceiling - floor) * ((rank - below) / n);
+                break;
+            }
+            below += n;
+        }
+        Some(PeriodAnswers {
+            count,
+            mean_ns,
+            p99_ns,
+        })
+    }
+}
 
 /// Whether spinning pays where the sidecar runs now, found by trying: a halted core costs a
 /// slow host a third of the throughput and a fast one nothing (the history, twentieth and
 /// twenty-sixth sessions), and which the host is changes by the hour.
 ///
 /// Time runs in [`TRIAL_PERIOD`]s. One period in [`PROBE_EVERY`] (a probe) runs the mode not
-/// in force, and its mean answer time (from the loop's counters: the time from a request's
-/// head to its answer's head, over the answers of the period) is compared with the mean of
-/// the periods just before and after it, which ran the mode in force: in a closed loop of
-/// clients the mean answer time is what sets the throughput, in an open one it is the
-/// latency. Spinning costs CPU, so it stays on only while the median of the last
-/// [`VERDICTS`] probes says it makes answers more than [`SPIN_MARGIN`] faster: with spinning
-/// on, a median probe (off) no slower than that turns it off; with it off, a median probe
-/// (on) that much faster turns it on. Periods with fewer than [`TRIAL_MIN_ANSWERS`] answers
-/// decide nothing. Spinning starts on, the mode that is safe for throughput.
+/// in force, and its answer times (from a request's head to its answer's head, over the
+/// loop's answers in the period: the mean, which in a closed loop of clients sets the
+/// throughput, and the 99th percentile) are compared with those of the periods just before
+/// and after it, which ran the mode in force. Spinning costs CPU, so it stays on only while
+/// the median of the last [`VERDICTS`] probes says it makes the mean or the 99th percentile
+/// more than [`SPIN_MARGIN`] shorter: with spinning on, probes (off) whose medians are no
+/// slower than that in both turn it off; with it off, probes (on) whose median is that much
+/// faster in either turn it on. Periods with fewer than [`TRIAL_MIN_ANSWERS`] answers decide
+/// nothing. Spinning starts on, the mode that is safe for throughput.
 #[derive(Debug, Clone)]
 pub struct Trial {
     /// The mode in force: spinning allowed.
@@ -488,28 +588,25 @@ pub struct Trial {
     period_end: Instant,
     /// Periods in the mode in force since the last probe.
     settled: u32,
-    /// (answers, their answer time in nanoseconds) when the running period began.
-    at_start: (u64, u64),
-    /// The mean answer time of the last period in force before the probe, and of the probe.
-    before: Option<f64>,
-    probe: Option<Option<f64>>,
-    /// The last probes' answer times over those of the mode in force around them.
-    verdicts: [f64; VERDICTS],
+    /// The last period in force before the probe, and the probe (once it is over).
+    before: Option<PeriodAnswers>,
+    probe: Option<Option<PeriodAnswers>>,
+    /// The last probes' mean and 99th percentile over those of the mode in force around them.
+    verdicts: [(f64, f64); VERDICTS],
     verdict_count: usize,
 }
 
 impl Trial {
-    /// A trial from `now`, the loop's counters at `answers`, spinning on.
-    pub fn new(now: Instant, answers: (u64, u64)) -> Self {
+    /// A trial from `now`, spinning on.
+    pub fn new(now: Instant) -> Self {
         Trial {
             spin: true,
             probing: false,
             period_end: now + TRIAL_PERIOD,
             settled: 0,
-            at_start: answers,
             before: None,
             probe: None,
-            verdicts: [0.0; VERDICTS],
+            verdicts: [(0.0, 0.0); VERDICTS],
             verdict_count: 0,
         }
     }
@@ -534,32 +631,27 @@ impl Trial {
         self.period_end
     }
 
-    /// Closes the running period if it is over at `now`, with the loop's counters at
-    /// `answers`; returns whether the mode in force changed.
-    pub fn tick(&mut self, now: Instant, answers: (u64, u64)) -> bool {
-        if now < self.period_end {
-            return false;
-        }
-        let count = answers.0.wrapping_sub(self.at_start.0);
-        let nanos = answers.1.wrapping_sub(self.at_start.1);
-        let mean = (count >= TRIAL_MIN_ANSWERS).then(|| nanos as f64 / count as f64);
-        self.at_start = answers;
+    /// Closes the running period at `now` (due from [`Trial::period_end`]) with its answers
+    /// (`None`: too few to tell); returns whether the mode in force changed.
+    pub fn tick(&mut self, now: Instant, answers: Option<PeriodAnswers>) -> bool {
         // A loop that stood still for a while starts afresh rather than catching up.
         self.period_end = (self.period_end + TRIAL_PERIOD).max(now + TRIAL_PERIOD / 2);
         let mut changed = false;
         if self.probing {
             self.probing = false;
-            self.probe = Some(mean);
+            self.probe = Some(answers);
         } else if let Some(probe) = self.probe.take() {
             // The period after a probe: the probe is judged against both neighbours.
-            if let (Some(before), Some(probe), Some(after)) = (self.before, probe, mean) {
-                self.verdict(probe / ((before + after) / 2.0));
+            if let (Some(before), Some(probe), Some(after)) = (self.before, probe, answers) {
+                let mean = probe.mean_ns / ((before.mean_ns + after.mean_ns) / 2.0);
+                let p99 = probe.p99_ns / ((before.p99_ns + after.p99_ns) / 2.0);
+                self.verdict(mean, p99);
                 changed = self.decide();
             }
-            self.before = mean;
+            self.before = answers;
             self.settled = 1;
         } else {
-            self.before = mean;
+            self.before = answers;
             self.settled += 1;
             if self.settled + 1 >= PROBE_EVERY {
                 self.probing = true;
@@ -569,29 +661,33 @@ impl Trial {
         changed
     }
 
-    fn verdict(&mut self, ratio: f64) {
-        if !ratio.is_finite() {
+    fn verdict(&mut self, mean: f64, p99: f64) {
+        if !mean.is_finite() || !p99.is_finite() {
             return;
         }
         self.verdicts.rotate_right(1);
-        self.verdicts[0] = ratio;
+        self.verdicts[0] = (mean, p99);
         self.verdict_count = (self.verdict_count + 1).min(VERDICTS);
     }
 
-    /// Changes the mode in force when the median of the last probes says so.
+    /// Changes the mode in force when the medians of the last probes say so.
     fn decide(&mut self) -> bool {
         if self.verdict_count < VERDICTS {
             return false;
         }
-        let mut sorted = self.verdicts;
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted[VERDICTS / 2];
+        let median = |pick: fn(&(f64, f64)) -> f64| {
+            let mut values = self.verdicts.map(|v| pick(&v));
+            values.sort_by(f64::total_cmp);
+            values[VERDICTS / 2]
+        };
+        let (mean, p99) = (median(|v| v.0), median(|v| v.1));
         let switch = if self.spin {
             // The probes ran without spinning: off unless spinning was clearly faster.
-            median <= 1.0 + SPIN_MARGIN
+            mean <= 1.0 + SPIN_MARGIN && p99 <= 1.0 + SPIN_MARGIN
         } else {
             // The probes spun: on when spinning was clearly faster.
-            median < 1.0 / (1.0 + SPIN_MARGIN)
+            let faster = 1.0 / (1.0 + SPIN_MARGIN);
+            mean < faster || p99 < faster
         };
         if switch {
             self.spin = !self.spin;
@@ -619,8 +715,9 @@ struct Shared {
     spinner_asleep: AtomicBool,
     /// The [`Trial`] lets the loop be spun for: without it the loop's sleeps wake nobody.
     spin_allowed: AtomicBool,
-    /// Answers the loop gave, and their answer times in nanoseconds ([`answered`]).
-    answers: AtomicU64,
+    /// The loop's answers by [`answer_bucket`], and their answer times in nanoseconds
+    /// ([`answered`]).
+    answer_buckets: [AtomicU64; ANSWER_BUCKETS],
     answer_ns: AtomicU64,
     stop: AtomicBool,
 }
@@ -634,7 +731,7 @@ impl Default for Shared {
             work_ns: AtomicU64::new(0),
             spinner_asleep: AtomicBool::new(false),
             spin_allowed: AtomicBool::new(true),
-            answers: AtomicU64::new(0),
+            answer_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             answer_ns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         }
@@ -642,12 +739,12 @@ impl Default for Shared {
 }
 
 impl Shared {
-    /// The loop's answers and their answer time so far, for the [`Trial`].
-    fn answers(&self) -> (u64, u64) {
-        (
-            self.answers.load(Ordering::Relaxed),
-            self.answer_ns.load(Ordering::Relaxed),
-        )
+    /// Reads the loop's answers so far into `counts`, for the [`Trial`].
+    fn read_answers(&self, counts: &mut AnswerCounts) {
+        for (count, bucket) in counts.buckets.iter_mut().zip(&self.answer_buckets) {
+            *count = bucket.load(Ordering::Relaxed);
+        }
+        counts.total_ns = self.answer_ns.load(Ordering::Relaxed);
     }
 
     /// Sets the loop's state (only the loop writes it).
@@ -709,7 +806,7 @@ pub fn answered(elapsed: Duration) {
             && let Some(Registered { shared, .. }) = registered.as_ref()
         {
             let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-            shared.answers.fetch_add(1, Ordering::Relaxed);
+            shared.answer_buckets[answer_bucket(nanos)].fetch_add(1, Ordering::Relaxed);
             shared.answer_ns.fetch_add(nanos, Ordering::Relaxed);
         }
     });
@@ -789,7 +886,10 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
         return;
     }
     let mut window = Window::new(budget, Instant::now());
-    let mut trial = Trial::new(Instant::now(), shared.answers());
+    let mut trial = Trial::new(Instant::now());
+    let mut answers_before = AnswerCounts::default();
+    let mut answers_now = AnswerCounts::default();
+    shared.read_answers(&mut answers_before);
     metrics.busy_poll_in_force(true);
     let mut pinned: Option<usize> = None;
     let mut crowding = Crowding::new();
@@ -805,7 +905,10 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
         let now = Instant::now();
         if now >= trial.period_end() {
             let was_probing = trial.probing();
-            if trial.tick(now, shared.answers()) {
+            shared.read_answers(&mut answers_now);
+            let period = PeriodAnswers::between(&answers_before, &answers_now);
+            std::mem::swap(&mut answers_before, &mut answers_now);
+            if trial.tick(now, period) {
                 metrics.busy_poll_in_force(trial.in_force());
                 tracing::debug!(
                     spinning = trial.in_force(),
@@ -906,49 +1009,46 @@ mod tests {
 
     const BUDGET: Duration = Duration::from_millis(1);
 
-    /// Runs `periods` periods of `trial` from `t0`, each with `answers` answers whose mean
-    /// answer time is `mean(spinning)` microseconds; returns (periods spun for, mode changes).
+    /// Runs `periods` periods of `trial` from `t0`, each answered with the mean and 99th
+    /// percentile answer times `times(spinning)` (microseconds; `None`: too few answers);
+    /// returns (periods spun for, mode changes).
     fn run_trial(
         trial: &mut Trial,
         t0: &mut Instant,
-        counters: &mut (u64, u64),
         periods: u32,
-        answers: u64,
-        mut mean: impl FnMut(bool) -> u64,
+        mut times: impl FnMut(bool) -> Option<(u64, u64)>,
     ) -> (u32, u32) {
         let (mut spun, mut changes) = (0, 0);
         for _ in 0..periods {
             let spinning = trial.spinning();
             spun += u32::from(spinning);
-            counters.0 += answers;
-            counters.1 += answers * mean(spinning) * 1_000;
+            let answers = times(spinning).map(|(mean, p99)| PeriodAnswers {
+                count: 1_000,
+                mean_ns: mean as f64 * 1e3,
+                p99_ns: p99 as f64 * 1e3,
+            });
             *t0 = trial.period_end();
-            changes += u32::from(trial.tick(*t0, *counters));
+            changes += u32::from(trial.tick(*t0, answers));
         }
         (spun, changes)
     }
 
     #[test]
-    fn the_trial_turns_spinning_off_when_it_does_not_make_answers_faster() {
+    fn the_trial_turns_spinning_off_when_it_makes_answers_no_faster() {
         let mut t = Instant::now();
-        let mut c = (0, 0);
-        let mut trial = Trial::new(t, c);
+        let mut trial = Trial::new(t);
         assert!(trial.spinning() && trial.in_force(), "it starts on");
-        // Off as fast as on (within the margin): probes in periods 10, 20 and 30, each judged
-        // with the period after it; then off.
-        let (spun, changes) = run_trial(&mut trial, &mut t, &mut c, 30, 1_000, |on| {
-            if on { 700 } else { 710 }
-        });
+        // Off as fast as on (within the margin), mean and tail: probes in periods 10, 20 and
+        // 30, each judged with the period after it; then off.
+        let same = |on: bool| Some(if on { (700, 1_000) } else { (710, 1_020) });
+        let (spun, changes) = run_trial(&mut trial, &mut t, 30, same);
         assert_eq!(changes, 0, "two verdicts so far");
         assert_eq!(spun, 27, "one period in ten was a probe without spinning");
-        let (spun, changes) = run_trial(&mut trial, &mut t, &mut c, 1, 1_000, |on| {
-            if on { 700 } else { 710 }
-        });
-        assert_eq!((spun, changes), (1, 1));
+        assert_eq!(run_trial(&mut trial, &mut t, 1, same), (1, 1));
         assert!(!trial.in_force());
         // Off stays off while spinning is not clearly faster; its probes spin.
-        let (spun, changes) = run_trial(&mut trial, &mut t, &mut c, 100, 1_000, |on| {
-            if on { 695 } else { 700 }
+        let (spun, changes) = run_trial(&mut trial, &mut t, 100, |on| {
+            Some(if on { (695, 990) } else { (700, 1_000) })
         });
         assert_eq!((spun, changes), (10, 0));
     }
@@ -956,57 +1056,97 @@ mod tests {
     #[test]
     fn the_trial_keeps_spinning_while_it_makes_answers_faster_and_turns_it_back_on() {
         let mut t = Instant::now();
-        let mut c = (0, 0);
-        let mut trial = Trial::new(t, c);
+        let mut trial = Trial::new(t);
         // A slow host: a halted core costs a third.
-        let slow = |on: bool| if on { 700 } else { 1_000 };
-        let (spun, changes) = run_trial(&mut trial, &mut t, &mut c, 200, 1_000, slow);
-        assert_eq!((spun, changes), (180, 0));
+        let slow = |on: bool| Some(if on { (700, 1_000) } else { (1_000, 1_500) });
+        assert_eq!(run_trial(&mut trial, &mut t, 200, slow), (180, 0));
         assert!(trial.in_force());
-        // The host becomes fast: off after three probes.
-        let (_, changes) = run_trial(&mut trial, &mut t, &mut c, 30, 1_000, |_| 700);
+        // The host becomes fast: off after the median of three probes says so.
+        let (_, changes) = run_trial(&mut trial, &mut t, 30, |_| Some((700, 1_000)));
         assert_eq!(changes, 1);
         assert!(!trial.in_force());
         // Slow again: the probes spin, are faster, and after three spinning is back on.
-        let (_, changes) = run_trial(&mut trial, &mut t, &mut c, 30, 1_000, slow);
+        let (_, changes) = run_trial(&mut trial, &mut t, 30, slow);
         assert_eq!(changes, 1);
         assert!(trial.in_force());
         // One probe out of line does not change the mode (the median of three decides).
         let mut n = 0;
-        let (_, changes) = run_trial(&mut trial, &mut t, &mut c, 30, 1_000, |on| {
-            if on {
-                700
+        let (_, changes) = run_trial(&mut trial, &mut t, 30, |on| {
+            n += u32::from(!on);
+            Some(if on || n == 1 {
+                (700, 1_000)
             } else {
-                n += 1;
-                if n == 1 { 700 } else { 1_000 }
-            }
+                (1_000, 1_500)
+            })
         });
         assert_eq!(changes, 0);
         assert!(trial.in_force());
     }
 
     #[test]
+    fn the_trial_keeps_spinning_for_the_tail_alone() {
+        let mut t = Instant::now();
+        let mut trial = Trial::new(t);
+        // Off: the same mean, a 99th percentile 10% longer. Spinning stays.
+        let tail = |on: bool| Some(if on { (700, 1_000) } else { (700, 1_100) });
+        assert_eq!(run_trial(&mut trial, &mut t, 100, tail), (90, 0));
+        assert!(trial.in_force());
+        // Off in force (the host was fast), then the tail alone turns it back on.
+        assert_eq!(
+            run_trial(&mut trial, &mut t, 40, |_| Some((700, 1_000))).1,
+            1
+        );
+        assert!(!trial.in_force());
+        assert_eq!(run_trial(&mut trial, &mut t, 40, tail).1, 1);
+        assert!(trial.in_force());
+    }
+
+    #[test]
     fn the_trial_decides_nothing_on_periods_with_few_answers_or_late_ticks() {
         let mut t = Instant::now();
-        let mut c = (0, 0);
-        let mut trial = Trial::new(t, c);
-        let (_, changes) = run_trial(
-            &mut trial,
-            &mut t,
-            &mut c,
-            100,
-            TRIAL_MIN_ANSWERS - 1,
-            |_| 700,
-        );
-        assert_eq!(changes, 0, "too few answers per period to tell");
-        assert!(trial.in_force());
-        // Not due yet: nothing happens.
-        assert!(!trial.tick(t, c));
+        let mut trial = Trial::new(t);
+        assert_eq!(run_trial(&mut trial, &mut t, 100, |_| None).1, 0);
+        assert!(trial.in_force(), "too few answers per period to tell");
         // A spinner that looks again only after a long pause starts a period afresh.
         let late = trial.period_end() + Duration::from_secs(5);
-        trial.tick(late, c);
+        trial.tick(late, None);
         assert!(trial.period_end() > late);
         assert!(trial.period_end() <= late + TRIAL_PERIOD);
+    }
+
+    #[test]
+    fn answer_times_fall_in_buckets_an_eighth_of_an_octave_wide() {
+        assert_eq!(answer_bucket(0), 0);
+        assert_eq!(answer_bucket(1_023), 0);
+        assert_eq!(answer_bucket(1_024), 0);
+        assert_eq!(answer_bucket(1_024 + 128), 1);
+        assert_eq!(answer_bucket(2_048), SUB_BUCKETS);
+        assert_eq!(answer_bucket(u64::MAX), ANSWER_BUCKETS - 1);
+        for nanos in [1_500, 70_000, 1_000_000, 9_999_999, 100_000_000] {
+            let bucket = answer_bucket(nanos);
+            assert!(bucket_floor(bucket) <= nanos as f64, "{nanos}");
+            assert!(bucket_floor(bucket + 1) > nanos as f64, "{nanos}");
+        }
+        // A period's percentile within a bucket's width (9%) of the exact one (interpolated
+        // as if the bucket's answers were spread evenly over it).
+        let before = AnswerCounts::default();
+        let mut after = AnswerCounts::default();
+        for i in 0..10_000u64 {
+            // 500 µs to 1.5 ms, evenly: the 99th percentile is 1.49 ms, the mean 1 ms.
+            after.record(500_000 + i * 100);
+        }
+        let period = PeriodAnswers::between(&before, &after).expect("enough answers");
+        assert_eq!(period.count, 10_000);
+        assert!((period.mean_ns - 1_000_000.0).abs() < 100.0, "{period:?}");
+        assert!(
+            (period.p99_ns / 1_490_000.0 - 1.0).abs() < 0.09,
+            "{period:?}"
+        );
+        let mut few = AnswerCounts::default();
+        for _ in 0..TRIAL_MIN_ANSWERS - 1 {
+            few.record(1_000_000);
+        }
+        assert_eq!(PeriodAnswers::between(&before, &few), None);
     }
 
     #[test]
