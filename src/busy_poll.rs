@@ -467,6 +467,13 @@ pub const SPIN_MARGIN: f64 = 0.03;
 /// Probes whose median decides ([`Trial`]).
 pub const VERDICTS: usize = 3;
 
+/// How much shorter one probe that spun must make the mean answer time to turn spinning
+/// back on at once, without waiting for [`VERDICTS`] probes: 7%. The mean of a period's
+/// thousands of answers varies by a percent or two from one period to the next, so this
+/// is a host that has turned slow (in the pinned harness a phase of it took a quarter of
+/// the throughput of a sidecar that did not spin, within a 3 s round).
+pub const QUICK_MARGIN: f64 = 0.07;
+
 /// Sub-buckets per octave of [`AnswerTimes`] (each about 9% wide).
 const SUB_BUCKETS: usize = 8;
 /// The octaves [`AnswerTimes`] tells apart: from 2^10 ns (1 µs) to 2^27 ns (134 ms); shorter
@@ -577,8 +584,10 @@ impl PeriodAnswers {
 /// the median of the last [`VERDICTS`] probes says it makes the mean or the 99th percentile
 /// more than [`SPIN_MARGIN`] shorter: with spinning on, probes (off) whose medians are no
 /// slower than that in both turn it off; with it off, probes (on) whose median is that much
-/// faster in either turn it on. Periods with fewer than [`TRIAL_MIN_ANSWERS`] answers decide
-/// nothing. Spinning starts on, the mode that is safe for throughput.
+/// faster in either turn it on, and so does a single probe whose mean is [`QUICK_MARGIN`]
+/// faster (a host turning slow must not wait three seconds). Periods with fewer than
+/// [`TRIAL_MIN_ANSWERS`] answers decide nothing. Spinning starts on, the mode that is safe
+/// for throughput.
 #[derive(Debug, Clone)]
 pub struct Trial {
     /// The mode in force: spinning allowed.
@@ -670,9 +679,12 @@ impl Trial {
         self.verdict_count = (self.verdict_count + 1).min(VERDICTS);
     }
 
-    /// Changes the mode in force when the medians of the last probes say so.
+    /// Changes the mode in force when the medians of the last probes say so, or, to turn
+    /// spinning back on, when the last probe alone does by [`QUICK_MARGIN`].
     fn decide(&mut self) -> bool {
-        if self.verdict_count < VERDICTS {
+        let quick =
+            !self.spin && self.verdict_count > 0 && self.verdicts[0].0 < 1.0 / (1.0 + QUICK_MARGIN);
+        if self.verdict_count < VERDICTS && !quick {
             return false;
         }
         let median = |pick: fn(&(f64, f64)) -> f64| {
@@ -687,7 +699,7 @@ impl Trial {
         } else {
             // The probes spun: on when spinning was clearly faster.
             let faster = 1.0 / (1.0 + SPIN_MARGIN);
-            mean < faster || p99 < faster
+            quick || mean < faster || p99 < faster
         };
         if switch {
             self.spin = !self.spin;
@@ -1098,6 +1110,26 @@ mod tests {
         );
         assert!(!trial.in_force());
         assert_eq!(run_trial(&mut trial, &mut t, 40, tail).1, 1);
+        assert!(trial.in_force());
+    }
+
+    #[test]
+    fn one_probe_turns_spinning_back_on_when_the_host_turned_slow() {
+        let mut t = Instant::now();
+        let mut trial = Trial::new(t);
+        assert_eq!(
+            run_trial(&mut trial, &mut t, 31, |_| Some((700, 1_000))).1,
+            1
+        );
+        assert!(!trial.in_force());
+        // 5% faster with spinning, in one probe (period 40, judged in 41): not yet.
+        let a_little = |on: bool| Some(if on { (665, 1_000) } else { (700, 1_000) });
+        assert_eq!(run_trial(&mut trial, &mut t, 10, a_little), (1, 0));
+        // 10% faster: the next probe (period 50) turns it on at once, judged in period 51.
+        let slow = |on: bool| Some(if on { (700, 1_000) } else { (780, 1_000) });
+        assert_eq!(run_trial(&mut trial, &mut t, 9, slow).1, 0);
+        assert!(!trial.in_force());
+        assert_eq!(run_trial(&mut trial, &mut t, 1, slow).1, 1);
         assert!(trial.in_force());
     }
 
