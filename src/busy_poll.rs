@@ -32,7 +32,7 @@
 //! * only while a [`Trial`] finds that it makes answers faster: one period of 100 ms in ten
 //!   runs the other mode, and spinning stays in force only while the median of the last
 //!   three probes says it takes more than 3% off the mean or the 99th percentile answer
-//!   time. On a slow host a
+//!   time (one probe that takes 7% off the mean turns it back on at once). On a slow host a
 //!   halted core cost a third of the throughput (twentieth session); on a fast one nothing,
 //!   while spinning cost 16% more CPU per request (twenty-sixth session). Off, the loop's
 //!   sleeps wake nobody;
