@@ -934,10 +934,12 @@ fn spinner(shared: &Shared, budget: Duration, metrics: &Metrics) {
                 .spin_allowed
                 .store(trial.spinning(), Ordering::Relaxed);
         }
-        // Not spun for in this period of the trial: a busy sleep counts as an idle one.
-        let state = match LoopState::of(word) {
-            LoopState::AsleepBusy if !trial.spinning() => LoopState::AsleepIdle,
-            state => state,
+        // Not spun for in this period of the trial: nothing to spin through or wait behind,
+        // whatever the loop does.
+        let state = if trial.spinning() {
+            LoopState::of(word)
+        } else {
+            LoopState::AsleepIdle
         };
         if !trial.spinning() {
             spinning = false;
