@@ -1047,6 +1047,14 @@ mod tests {
         (spun, changes)
     }
 
+    /// Runs `trial` on a fast host (spinning or not, the same answer times) until the
+    /// probes turn spinning off: within 31 periods of the last verdict.
+    fn turn_off(trial: &mut Trial, t0: &mut Instant) {
+        let (_, changes) = run_trial(trial, t0, 31, |_| Some((700, 1_000)));
+        assert_eq!(changes, 1);
+        assert!(!trial.in_force());
+    }
+
     #[test]
     fn the_trial_turns_spinning_off_when_it_makes_answers_no_faster() {
         let mut t = Instant::now();
@@ -1106,11 +1114,7 @@ mod tests {
         assert_eq!(run_trial(&mut trial, &mut t, 100, tail), (90, 0));
         assert!(trial.in_force());
         // Off in force (the host was fast), then the tail alone turns it back on.
-        assert_eq!(
-            run_trial(&mut trial, &mut t, 40, |_| Some((700, 1_000))).1,
-            1
-        );
-        assert!(!trial.in_force());
+        turn_off(&mut trial, &mut t);
         assert_eq!(run_trial(&mut trial, &mut t, 40, tail).1, 1);
         assert!(trial.in_force());
     }
@@ -1119,11 +1123,7 @@ mod tests {
     fn one_probe_turns_spinning_back_on_when_the_host_turned_slow() {
         let mut t = Instant::now();
         let mut trial = Trial::new(t);
-        assert_eq!(
-            run_trial(&mut trial, &mut t, 31, |_| Some((700, 1_000))).1,
-            1
-        );
-        assert!(!trial.in_force());
+        turn_off(&mut trial, &mut t);
         // 5% faster with spinning, in one probe (period 40, judged in 41): not yet.
         let a_little = |on: bool| Some(if on { (665, 1_000) } else { (700, 1_000) });
         assert_eq!(run_trial(&mut trial, &mut t, 10, a_little), (1, 0));
